@@ -1,1 +1,26 @@
-
+//! The Metta control plane.
+//!
+//! A trust group of hosted nodes (`mettad`) keeps a Raft-replicated registry —
+//! members, join tokens, users, grants, revocations and a key space — and
+//! serves an mTLS API over QUIC that `mettactl` drives.
+//!
+//! Layers, from pure to I/O:
+//! - [`registry`]: the state machine (pure, deterministic; time comes in the
+//!   commands);
+//! - [`policy`]: which right on which resource each call needs (pure);
+//! - [`store`]: the redb-backed Raft log and snapshot store;
+//! - [`transport`] / [`network`]: QUIC + rustls wiring, openraft's network;
+//! - [`node`]: the running daemon; [`setup`]: `init` and `join`;
+//!   [`client`]: what `mettactl` uses; [`config`]: files on disk;
+//!   [`clock`]: the one place the wall clock is read.
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod network;
+pub mod node;
+pub mod policy;
+pub mod raft_types;
+pub mod registry;
+pub mod setup;
+pub mod store;
+pub mod transport;

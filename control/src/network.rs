@@ -1,0 +1,112 @@
+//! openraft's network over the Metta transport: each Raft RPC is one
+//! [`Request::Raft`] frame on a fresh QUIC stream of the (cached, mTLS)
+//! connection to the target member.
+
+use std::sync::Arc;
+
+use metta_proto::{RaftRpc, Reply, Request};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::raft_types::TypeConfig;
+use crate::transport::{Transport, TransportError};
+
+/// Encodes a Raft message for the wire.
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(v)
+}
+
+/// Decodes a Raft message from the wire.
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+/// Makes a [`Network`] per target.
+#[derive(Debug, Clone)]
+pub struct NetworkFactory {
+    /// The node's transport.
+    pub transport: Arc<Transport>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Network {
+        Network {
+            transport: self.transport.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+/// The connection to one member.
+#[derive(Debug)]
+pub struct Network {
+    transport: Arc<Transport>,
+    target: u64,
+    addr: String,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+impl Network {
+    async fn rpc<Req, Resp, E>(&self, wrap: fn(Vec<u8>) -> RaftRpc, req: &Req) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let bytes = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = match self.transport.call(&self.addr, &Request::Raft(wrap(bytes))).await {
+            Ok(r) => r,
+            Err(e @ (TransportError::Connect { .. } | TransportError::Resolve { .. })) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
+        match reply {
+            Ok(Reply::Raft(b)) => {
+                let r: Result<Resp, RaftError<u64, E>> =
+                    decode(&b).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(other) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
+                format!("unexpected reply to a Raft RPC: {other:?}"),
+            )))),
+            Err(api) => Err(RPCError::Unreachable(Unreachable::new(&api))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        self.rpc(RaftRpc::AppendEntries, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        self.rpc(RaftRpc::InstallSnapshot, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
+        self.rpc(RaftRpc::Vote, &rpc).await
+    }
+}

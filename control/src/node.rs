@@ -1,0 +1,1082 @@
+//! A running `mettad`: the Raft member, the QUIC server, the API, and the
+//! background duties (heartbeats, certificate renewal, membership
+//! reconciliation on the leader, revocation enforcement).
+//!
+//! This is the I/O driver. Decisions are made by pure code elsewhere:
+//! [`crate::registry`] (state transitions), [`crate::policy`] (what a call
+//! needs), `metta_trust` (tokens, certificates, grants).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use metta_proto::{
+    ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId,
+    NodeStatus, RaftRole, RaftRpc, Reply, Request, Response, Role, Subject,
+    TokenRejection, MAX_FRAME_LEN,
+};
+use metta_trust::{ClusterCa, JoinToken, NodeKey, RevocationList, TokenRecord, UnixTime};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::clock;
+use crate::config::{DataDir, NodeConfig};
+use crate::network::{self, NetworkFactory};
+use crate::policy::{requirement, Requirement};
+use crate::raft_types::Raft;
+use crate::registry::{Admission, Applied, Command, Registry, UserRecord};
+use crate::store;
+use crate::transport::{self, read_frame, write_frame, CallError, Credentials, ReadError, ServerTrust, Transport};
+
+/// How long without a heartbeat before a node counts as down.
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(3);
+/// How often nodes send heartbeats.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(1000);
+/// How often revocations and certificate expiry are enforced on live connections.
+pub const ENFORCE_EVERY: Duration = Duration::from_millis(500);
+
+/// Lifetime of user certificates issued by `user add` (one year).
+pub const USER_CERT_LIFETIME: u64 = 365 * 24 * 3600;
+
+/// The Raft timing used by every node.
+pub fn raft_config(cluster: &str) -> openraft::Config {
+    openraft::Config {
+        cluster_name: cluster.to_string(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1500,
+        max_payload_entries: 512,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Key or certificate problem.
+    #[error("credentials: {0}")]
+    Credentials(String),
+    /// Storage problem.
+    #[error("storage: {0}")]
+    Store(String),
+    /// Network problem.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// Raft problem.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+struct Conn {
+    subject: Option<Subject>,
+    serial: Vec<u8>,
+    not_after: UnixTime,
+    conn: quinn::Connection,
+}
+
+/// A running node.
+pub struct Node {
+    cfg: NodeConfig,
+    dir: DataDir,
+    raft: Raft,
+    registry: Arc<RwLock<Registry>>,
+    transport: Arc<Transport>,
+    revoked: Arc<RwLock<RevocationList>>,
+    key: NodeKey,
+    ca: Option<ClusterCa>,
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    cert_not_after: AtomicU64,
+    conns: Mutex<HashMap<usize, Conn>>,
+    heartbeats: Mutex<HashMap<NodeId, (Instant, Heartbeat)>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.cfg.node_id)
+            .field("cluster", &self.cfg.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_pem(path: &std::path::Path) -> Result<String, StartError> {
+    Ok(crate::config::read(path)?)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+impl Node {
+    /// Opens the data directory and starts serving.
+    pub async fn start(dir: DataDir) -> Result<Arc<Node>, StartError> {
+        let cfg = dir.load_config()?;
+        let key = NodeKey::from_pem(&read_pem(&dir.node_key())?)
+            .map_err(|e| StartError::Credentials(e.to_string()))?;
+        let cert_pem = read_pem(&dir.node_cert())?;
+        let ca_pem = read_pem(&dir.ca_cert())?;
+        let ca = if cfg.role == Role::Control && dir.ca_key().exists() {
+            Some(
+                ClusterCa::load(&ca_pem, &read_pem(&dir.ca_key())?)
+                    .map_err(|e| StartError::Credentials(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let ca_der = metta_trust::cert::pem_to_der(&ca_pem)
+            .map_err(|e| StartError::Credentials(format!("ca.pem: {e}")))?;
+        let cert_info = metta_trust::parse_cert(
+            &metta_trust::cert::pem_to_der(&cert_pem)
+                .map_err(|e| StartError::Credentials(format!("node.pem: {e}")))?,
+        )
+        .map_err(|e| StartError::Credentials(format!("node.pem: {e}")))?;
+        if cert_info.subject != Subject::Node(cfg.node_id) || cert_info.cluster != cfg.cluster {
+            return Err(StartError::Credentials(format!(
+                "node.pem names {} in cluster {}, but node.toml says node/{} in {}",
+                cert_info.subject, cert_info.cluster, cfg.node_id, cfg.cluster
+            )));
+        }
+
+        let (log_store, sm) =
+            store::open(&dir.store()).map_err(|e| StartError::Store(e.to_string()))?;
+        let registry = sm.registry();
+        let applied = sm.subscribe();
+        let revoked = Arc::new(RwLock::new(
+            registry.read().unwrap_or_else(|e| e.into_inner()).revoked.clone(),
+        ));
+
+        let creds = Credentials::from_pem(&cert_pem, &ca_pem, &key)?;
+        let server = transport::server_config(&creds, &ca_der, revoked.clone())?;
+        let client = transport::client_config(
+            Some(&creds),
+            &ServerTrust::Cluster {
+                ca_der: ca_der.clone(),
+                revoked: revoked.clone(),
+            },
+        )?;
+        let listen: SocketAddr = cfg.listen.parse().map_err(|e| {
+            StartError::Credentials(format!("listen address {:?}: {e}", cfg.listen))
+        })?;
+        let transport = Transport::server(listen, server, client)?;
+
+        let raft_cfg = Arc::new(
+            raft_config(&cfg.cluster)
+                .validate()
+                .map_err(|e| StartError::Raft(e.to_string()))?,
+        );
+        let raft = Raft::new(
+            cfg.node_id,
+            raft_cfg,
+            NetworkFactory {
+                transport: transport.clone(),
+            },
+            log_store,
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let (shutdown, _) = watch::channel(false);
+        let node = Arc::new(Node {
+            cert_not_after: AtomicU64::new(cert_info.not_after),
+            cfg,
+            dir,
+            raft,
+            registry,
+            transport,
+            revoked,
+            key,
+            ca,
+            ca_pem,
+            ca_der,
+            conns: Mutex::new(HashMap::new()),
+            heartbeats: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+
+        node.maybe_initialize().await?;
+        tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().enforce_loop(applied));
+        tokio::spawn(node.clone().heartbeat_loop());
+        tokio::spawn(node.clone().reconcile_loop());
+        tokio::spawn(node.clone().renew_loop());
+        info!(
+            node = node.cfg.node_id,
+            cluster = %node.cfg.cluster,
+            listen = %node.cfg.listen,
+            "mettad serving"
+        );
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Resolves once the node has stopped (shut down, or its identity revoked).
+    pub async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops serving.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        self.transport.close();
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// A first start after `mettactl init`: make this node the single voter.
+    async fn maybe_initialize(&self) -> Result<(), StartError> {
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if !initialized && self.dir.bootstrap().exists() {
+            let mut members = BTreeMap::new();
+            members.insert(
+                self.cfg.node_id,
+                BasicNode {
+                    addr: self.cfg.advertise.clone(),
+                },
+            );
+            self.raft
+                .initialize(members)
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.cfg.node_id)
+            && self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    // ---------------------------------------------------------------- serving
+
+    async fn accept_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                i = self.transport.endpoint().accept() => i,
+                _ = shutdown.changed() => return,
+            };
+            let Some(incoming) = incoming else { return };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!("handshake failed: {e}");
+                        return;
+                    }
+                };
+                node.serve_connection(conn).await;
+            });
+        }
+    }
+
+    fn peer_of(conn: &quinn::Connection) -> Option<metta_trust::CertInfo> {
+        let certs = conn
+            .peer_identity()?
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        metta_trust::parse_cert(certs.first()?.as_ref()).ok()
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let peer = Self::peer_of(&conn);
+        let key = conn.stable_id();
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key,
+            Conn {
+                subject: peer.as_ref().map(|p| p.subject.clone()),
+                serial: peer.as_ref().map(|p| p.serial.clone()).unwrap_or_default(),
+                not_after: peer.as_ref().map(|p| p.not_after).unwrap_or(u64::MAX),
+                conn: conn.clone(),
+            },
+        );
+        let subject = peer.map(|p| p.subject);
+        loop {
+            let (mut send, mut recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            let node = self.clone();
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let response: Response = match read_frame::<Request>(&mut recv, MAX_FRAME_LEN).await
+                {
+                    Ok(req) => node.handle(subject, req).await,
+                    Err(ReadError::Frame(e)) => {
+                        Err(ApiError::InvalidArgument(format!("bad frame: {e}")))
+                    }
+                    Err(ReadError::Io(_)) => return,
+                };
+                let _ = write_frame(&mut send, &response).await;
+            });
+        }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    /// Handles one request from `peer` (`None`: no client certificate).
+    pub async fn handle(self: &Arc<Self>, peer: Option<Subject>, req: Request) -> Response {
+        match req {
+            Request::Join(j) => self.join(j).await,
+            Request::Api(call) => match peer {
+                Some(s) => self.api(s, call, true).await,
+                None => Err(ApiError::Unauthenticated),
+            },
+            Request::Forwarded { origin, call } => match peer {
+                Some(Subject::Node(_)) => self.api(origin, call, false).await,
+                _ => Err(ApiError::PermissionDenied {
+                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/forward".into(),
+                }),
+            },
+            Request::Raft(rpc) => match peer {
+                Some(Subject::Node(_)) => self.raft_rpc(rpc).await,
+                _ => Err(ApiError::PermissionDenied {
+                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/raft".into(),
+                }),
+            },
+        }
+    }
+
+    async fn raft_rpc(&self, rpc: RaftRpc) -> Response {
+        fn enc<T: serde::Serialize>(v: &T) -> Response {
+            network::encode(v).map(Reply::Raft).map_err(internal)
+        }
+        let bad = |e: postcard::Error| ApiError::InvalidArgument(format!("bad raft message: {e}"));
+        match rpc {
+            RaftRpc::AppendEntries(b) => {
+                let req = network::decode(&b).map_err(bad)?;
+                enc(&self.raft.append_entries(req).await)
+            }
+            RaftRpc::Vote(b) => {
+                let req = network::decode(&b).map_err(bad)?;
+                enc(&self.raft.vote(req).await)
+            }
+            RaftRpc::InstallSnapshot(b) => {
+                let req = network::decode(&b).map_err(bad)?;
+                enc(&self.raft.install_snapshot(req).await)
+            }
+        }
+    }
+
+    /// Relays `req` to the leader (used by followers).
+    async fn to_leader(&self, req: Request) -> Response {
+        let Some((id, addr)) = self.leader() else {
+            return Err(ApiError::Unavailable("no leader elected yet; retry".into()));
+        };
+        if id == self.cfg.node_id {
+            return Err(ApiError::Unavailable("leadership is changing; retry".into()));
+        }
+        match self.transport.call(&addr, &req).await {
+            Ok(r) => r,
+            Err(e) => Err(ApiError::Unavailable(format!(
+                "leader node/{id} at {addr} unreachable: {e}"
+            ))),
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Applied, ApiError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                Applied::Refused(e) => Err(e),
+                ok => Ok(ok),
+            },
+            Err(e) => Err(ApiError::Unavailable(format!("registry write failed: {e}"))),
+        }
+    }
+
+    fn check(&self, subject: &Subject, call: &ApiRequest, now: UnixTime) -> Result<(), ApiError> {
+        match requirement(subject, call) {
+            Requirement::Authenticated => {
+                if self.registry().revoked.subject_revoked(subject) {
+                    return Err(ApiError::PermissionDenied {
+                        subject: subject.clone(),
+                        rights: metta_proto::Rights::NONE,
+                        resource: "/".into(),
+                    });
+                }
+                Ok(())
+            }
+            Requirement::NodeOnly => match subject {
+                Subject::Node(id) if self.registry().nodes.contains_key(id) => Ok(()),
+                _ => Err(ApiError::PermissionDenied {
+                    subject: subject.clone(),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/nodes/self".into(),
+                }),
+            },
+            Requirement::Right(rights, resource) => {
+                self.registry().authorize(subject, rights, &resource, now)
+            }
+        }
+    }
+
+    /// An authenticated API call by `subject`.
+    async fn api(self: &Arc<Self>, subject: Subject, call: ApiRequest, may_forward: bool) -> Response {
+        let now = clock::now();
+        if let ApiRequest::Status = call {
+            return Ok(Reply::Status(self.status(subject)));
+        }
+        if !self.is_leader() {
+            if !may_forward {
+                return Err(ApiError::Unavailable("not the leader; retry".into()));
+            }
+            return self
+                .to_leader(Request::Forwarded {
+                    origin: subject,
+                    call,
+                })
+                .await;
+        }
+        self.check(&subject, &call, now)?;
+        match call {
+            ApiRequest::Status => Ok(Reply::Status(self.status(subject))),
+            ApiRequest::Nodes => Ok(Reply::Nodes(self.node_statuses())),
+            ApiRequest::NodeRemove { id } => {
+                if id == self.cfg.node_id {
+                    return Err(ApiError::InvalidArgument(
+                        "cannot remove the leader; remove it from another node after it steps down"
+                            .into(),
+                    ));
+                }
+                self.write(Command::NodeRemove { id }).await?;
+                Ok(Reply::Done)
+            }
+            ApiRequest::TokenCreate {
+                role,
+                ttl_secs,
+                uses,
+            } => {
+                if ttl_secs == 0 || ttl_secs > 30 * 24 * 3600 {
+                    return Err(ApiError::InvalidArgument(
+                        "token ttl must be between 1 s and 30 days".into(),
+                    ));
+                }
+                if uses == 0 {
+                    return Err(ApiError::InvalidArgument("token uses must be at least 1".into()));
+                }
+                let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+                let token = JoinToken::generate(&mut rand::rng(), ca.pin());
+                let rec = TokenRecord {
+                    id: token.id.clone(),
+                    secret_hash: metta_trust::token::secret_hash(&token.secret),
+                    role,
+                    expires_at: now + ttl_secs,
+                    uses_left: uses,
+                    revoked: false,
+                    created_by: subject,
+                };
+                let expires_at = rec.expires_at;
+                self.write(Command::TokenCreate(rec)).await?;
+                Ok(Reply::Token {
+                    token: token.to_string(),
+                    id: token.id,
+                    expires_at,
+                })
+            }
+            ApiRequest::TokenList => Ok(Reply::Tokens(self.registry().token_infos())),
+            ApiRequest::TokenRevoke { id } => {
+                self.write(Command::TokenRevoke { id }).await?;
+                Ok(Reply::Done)
+            }
+            ApiRequest::UserAdd { name, csr_pem } => {
+                metta_proto::ids::check_name("user", &name)
+                    .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+                let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+                let spki = metta_trust::csr_public_key(&csr_pem)
+                    .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+                let not_after = now + USER_CERT_LIFETIME;
+                self.write(Command::UserAdd(UserRecord {
+                    name: name.clone(),
+                    spki_der: spki,
+                    cert_not_after: not_after,
+                }))
+                .await?;
+                let issued = ca
+                    .issue(&csr_pem, &Subject::User(name), now, USER_CERT_LIFETIME, rand::random())
+                    .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+                Ok(Reply::Cert {
+                    cert_pem: issued.pem,
+                    not_after: issued.not_after,
+                })
+            }
+            ApiRequest::UserList => Ok(Reply::Users(self.registry().user_infos())),
+            ApiRequest::Grant(signed) => {
+                if signed.grant.issuer != subject {
+                    return Err(ApiError::GrantRejected(format!(
+                        "the grant is issued by {}, but the caller is {subject}",
+                        signed.grant.issuer
+                    )));
+                }
+                match self.write(Command::GrantAdd { signed, now }).await? {
+                    Applied::Granted(id) => Ok(Reply::GrantAdded(id)),
+                    other => Err(internal(format!("unexpected apply result {other:?}"))),
+                }
+            }
+            ApiRequest::Grants { subject: filter } => {
+                Ok(Reply::Grants(self.registry().grant_infos(filter.as_ref())))
+            }
+            ApiRequest::RevokeGrant { id } => {
+                let (gid, issuer) = {
+                    let reg = self.registry();
+                    let gid = reg.find_grant(&id)?;
+                    let issuer = reg.grants[&gid].signed.grant.issuer.clone();
+                    (gid, issuer)
+                };
+                if issuer != subject {
+                    self.registry().authorize(
+                        &subject,
+                        metta_proto::Rights::of(metta_proto::Right::Write),
+                        "/grants",
+                        now,
+                    )?;
+                }
+                self.write(Command::GrantRevoke { id: gid }).await?;
+                Ok(Reply::Done)
+            }
+            ApiRequest::RevokeSubject(s) => {
+                if s == Subject::Node(self.cfg.node_id) {
+                    return Err(ApiError::InvalidArgument(
+                        "cannot revoke the current leader from itself".into(),
+                    ));
+                }
+                self.write(Command::RevokeSubject(s)).await?;
+                Ok(Reply::Done)
+            }
+            ApiRequest::KvPut { key, value } => {
+                if key.is_empty() || key.len() > 1024 || value.len() > 1024 * 1024 {
+                    return Err(ApiError::InvalidArgument(
+                        "keys are 1-1024 bytes, values at most 1 MiB".into(),
+                    ));
+                }
+                self.write(Command::KvPut { key, value }).await?;
+                Ok(Reply::Done)
+            }
+            ApiRequest::KvGet { key } => {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                Ok(Reply::Value(self.registry().kv.get(&key).cloned()))
+            }
+            ApiRequest::Heartbeat(hb) => {
+                let Subject::Node(id) = subject else {
+                    return Err(internal("heartbeat from a non-node"));
+                };
+                self.record_heartbeat(id, hb).await;
+                Ok(Reply::Done)
+            }
+            ApiRequest::Renew { csr_pem } => {
+                let Subject::Node(id) = subject else {
+                    return Err(internal("renewal from a non-node"));
+                };
+                self.renew_for(id, &csr_pem, now).await
+            }
+        }
+    }
+
+    fn status(&self, you: Subject) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        ClusterStatus {
+            cluster: self.cfg.cluster.clone(),
+            you,
+            leader: m.current_leader,
+            term: m.current_term,
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            node: self.cfg.node_id,
+        }
+    }
+
+    fn node_statuses(&self) -> Vec<NodeStatus> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        let hbs = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let reg = self.registry();
+        reg.nodes
+            .values()
+            .map(|n| {
+                let hb = hbs.get(&n.id);
+                let last_seen = if n.id == self.cfg.node_id {
+                    Some(Duration::ZERO)
+                } else {
+                    hb.map(|(t, _)| t.elapsed())
+                };
+                let raft = if m.current_leader == Some(n.id) {
+                    RaftRole::Leader
+                } else if voters.contains(&n.id) {
+                    RaftRole::Follower
+                } else if learners.contains(&n.id) {
+                    RaftRole::Learner
+                } else {
+                    RaftRole::None
+                };
+                let (resources, cert_not_after) = match hb {
+                    Some((_, h)) => (h.resources.clone(), h.cert_not_after),
+                    None if n.id == self.cfg.node_id => (
+                        local_resources(),
+                        self.cert_not_after.load(Ordering::Relaxed),
+                    ),
+                    None => (n.resources.clone(), n.cert_not_after),
+                };
+                NodeStatus {
+                    id: n.id,
+                    name: n.name.clone(),
+                    role: n.role,
+                    kind: n.kind,
+                    addr: n.addr.clone(),
+                    up: last_seen.is_some_and(|d| d < LIVENESS_WINDOW),
+                    last_seen_ms: last_seen.map(|d| d.as_millis() as u64),
+                    resources,
+                    cert_not_after,
+                    raft,
+                }
+            })
+            .collect()
+    }
+
+    async fn record_heartbeat(&self, id: NodeId, hb: Heartbeat) {
+        let addr_changed = self
+            .registry()
+            .nodes
+            .get(&id)
+            .is_some_and(|n| n.addr != hb.addr);
+        let addr = hb.addr.clone();
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (Instant::now(), hb));
+        if addr_changed {
+            let _ = self.write(Command::NodeAddr { id, addr }).await;
+        }
+    }
+
+    async fn renew_for(&self, id: NodeId, csr_pem: &str, now: UnixTime) -> Response {
+        let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+        let spki = metta_trust::csr_public_key(csr_pem)
+            .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+        let known = self.registry().nodes.get(&id).map(|n| n.spki_der.clone());
+        if known.as_deref() != Some(spki.as_slice()) {
+            return Err(ApiError::InvalidArgument(
+                "renewal must use the node's registered key".into(),
+            ));
+        }
+        let issued = ca
+            .issue(
+                csr_pem,
+                &Subject::Node(id),
+                now,
+                self.cfg.cert_lifetime_secs,
+                rand::random(),
+            )
+            .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+        self.write(Command::NodeCert {
+            id,
+            not_after: issued.not_after,
+        })
+        .await?;
+        Ok(Reply::Cert {
+            cert_pem: issued.pem,
+            not_after: issued.not_after,
+        })
+    }
+
+    // ---------------------------------------------------------------- join
+
+    async fn join(self: &Arc<Self>, j: JoinRequest) -> Response {
+        if !self.is_leader() {
+            return self.to_leader(Request::Join(j)).await;
+        }
+        let now = clock::now();
+        let (token_id, secret) =
+            metta_trust::token::parse_credential(&j.token).map_err(ApiError::Token)?;
+        {
+            let reg = self.registry();
+            metta_trust::check_token(reg.tokens.get(&token_id), &secret, now)
+                .map_err(ApiError::Token)?;
+        }
+        metta_proto::ids::check_name("node", &j.name)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        if j.addr.parse::<SocketAddr>().is_err() {
+            return Err(ApiError::InvalidArgument(format!(
+                "node address {:?} is not ip:port",
+                j.addr
+            )));
+        }
+        let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+        let spki = metta_trust::csr_public_key(&j.csr_pem)
+            .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+        let applied = self
+            .write(Command::AdmitNode {
+                token_id,
+                secret_hash: metta_trust::token::secret_hash(&secret),
+                node: Admission {
+                    name: j.name.clone(),
+                    kind: j.kind,
+                    addr: j.addr.clone(),
+                    resources: j.resources.clone(),
+                    spki_der: spki,
+                },
+                now,
+            })
+            .await?;
+        let Applied::Admitted(id) = applied else {
+            return Err(internal(format!("unexpected apply result {applied:?}")));
+        };
+        let issued = ca
+            .issue(
+                &j.csr_pem,
+                &Subject::Node(id),
+                now,
+                self.cfg.cert_lifetime_secs,
+                rand::random(),
+            )
+            .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
+        self.write(Command::NodeCert {
+            id,
+            not_after: issued.not_after,
+        })
+        .await?;
+        let role = self.registry().nodes.get(&id).map(|n| n.role).unwrap_or(Role::Worker);
+        let members = self
+            .registry()
+            .nodes
+            .values()
+            .filter(|n| n.id != id)
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        info!(node = id, name = %j.name, %role, "admitted");
+        Ok(Reply::Joined(JoinResponse {
+            node_id: id,
+            cluster: self.cfg.cluster.clone(),
+            role,
+            cert_pem: issued.pem,
+            ca_cert_pem: self.ca_pem.clone(),
+            ca_key_pem: (role == Role::Control).then(|| ca.key_pem().to_string()),
+            members,
+        }))
+    }
+
+    // ---------------------------------------------------------------- duties
+
+    /// Keeps the verifiers' revocation list in step with the registry and closes
+    /// live connections of revoked or expired identities.
+    async fn enforce_loop(self: Arc<Self>, mut applied: watch::Receiver<u64>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(ENFORCE_EVERY);
+        loop {
+            tokio::select! {
+                _ = applied.changed() => {},
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            let list = self.registry().revoked.clone();
+            let changed = {
+                let mut cur = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+                let changed = *cur != list;
+                *cur = list.clone();
+                changed
+            };
+            let now = clock::now();
+            {
+            let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            for c in conns.values() {
+                let revoked = c.subject.as_ref().is_some_and(|s| list.subject_revoked(s))
+                    || (!c.serial.is_empty() && list.serial_revoked(&c.serial));
+                if revoked {
+                    info!(peer = ?c.subject, "closing connection of revoked identity");
+                    c.conn.close(1u32.into(), b"identity revoked");
+                } else if now >= c.not_after {
+                    c.conn.close(2u32.into(), b"certificate expired");
+                }
+            }
+            }
+            if changed {
+                for c in self.transport.outgoing() {
+                    if let Some(p) = Self::peer_of(&c) {
+                        if list.subject_revoked(&p.subject) {
+                            c.close(1u32.into(), b"identity revoked");
+                        }
+                    }
+                }
+            }
+            if list.subject_revoked(&Subject::Node(self.cfg.node_id)) {
+                warn!("this node's identity was revoked; shutting down");
+                let _ = self.shutdown.send(true);
+                self.transport.close();
+                let _ = self.raft.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            let hb = Heartbeat {
+                resources: local_resources(),
+                cert_not_after: self.cert_not_after.load(Ordering::Relaxed),
+                addr: self.cfg.advertise.clone(),
+            };
+            if self.is_leader() {
+                self.record_heartbeat(self.cfg.node_id, hb).await;
+                continue;
+            }
+            let Some((_, addr)) = self.leader() else {
+                continue;
+            };
+            if let Err(e) = self
+                .transport
+                .call_api(&addr, &Request::Api(ApiRequest::Heartbeat(hb)))
+                .await
+            {
+                debug!("heartbeat to {addr}: {e}");
+            }
+        }
+    }
+
+    /// On the leader: make Raft membership follow the registry — admitted nodes
+    /// become learners, caught-up control nodes become voters, removed nodes
+    /// leave. Also commits the bootstrap entry of a new cluster.
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(300));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            if let Err(e) = self.reconcile_once().await {
+                debug!("reconcile: {e}");
+            }
+        }
+    }
+
+    async fn reconcile_once(&self) -> Result<(), String> {
+        if self.registry().cluster.is_empty() {
+            if let Ok(text) = crate::config::read(&self.dir.bootstrap()) {
+                let cmd: Command = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                self.write(cmd).await.map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_file(self.dir.bootstrap());
+                info!("cluster bootstrapped");
+            }
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(self.dir.bootstrap());
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members: BTreeMap<u64, BasicNode> =
+            membership.nodes().map(|(k, v)| (*k, v.clone())).collect();
+        let nodes: Vec<(u64, Role, String)> = self
+            .registry()
+            .nodes
+            .values()
+            .map(|n| (n.id, n.role, n.addr.clone()))
+            .collect();
+        let last = m.last_log_index.unwrap_or(0);
+        for (id, role, addr) in &nodes {
+            match members.get(id) {
+                None => {
+                    info!(node = id, %addr, "adding as learner");
+                    self.raft
+                        .add_learner(*id, BasicNode { addr: addr.clone() }, false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Some(n) if &n.addr != addr => {
+                    let mut set = BTreeMap::new();
+                    set.insert(*id, BasicNode { addr: addr.clone() });
+                    self.raft
+                        .change_membership(ChangeMembers::SetNodes(set), true)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Some(_) if *role == Role::Control && !voters.contains(id) => {
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index)
+                        .unwrap_or(0);
+                    if matched + 64 >= last && matched > 0 {
+                        info!(node = id, "promoting to voter");
+                        let mut ids = BTreeSet::new();
+                        ids.insert(*id);
+                        self.raft
+                            .change_membership(ChangeMembers::AddVoterIds(ids), true)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let registered: BTreeSet<u64> = nodes.iter().map(|n| n.0).collect();
+        let gone: BTreeSet<u64> = members
+            .keys()
+            .filter(|id| !registered.contains(id) && **id != self.cfg.node_id)
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let gone_voters: BTreeSet<u64> = gone.intersection(&voters).copied().collect();
+            if !gone_voters.is_empty() {
+                info!(nodes = ?gone_voters, "removing voters");
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else {
+                info!(nodes = ?gone, "removing learners");
+                self.raft
+                    .change_membership(ChangeMembers::RemoveNodes(gone), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews this node's certificate once two thirds of its lifetime are gone.
+    async fn renew_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {},
+                _ = shutdown.changed() => return,
+            }
+            let not_after = self.cert_not_after.load(Ordering::Relaxed);
+            let lifetime = self.cfg.cert_lifetime_secs.max(3);
+            let now = clock::now();
+            if now + lifetime / 3 < not_after {
+                continue;
+            }
+            match self.renew().await {
+                Ok(na) => info!(not_after = na, "certificate renewed"),
+                Err(e) => warn!("certificate renewal failed (will retry): {e}"),
+            }
+        }
+    }
+
+    async fn renew(self: &Arc<Self>) -> Result<UnixTime, String> {
+        let csr = metta_trust::make_csr(&self.key, &Subject::Node(self.cfg.node_id), &self.cfg.cluster)
+            .map_err(|e| e.to_string())?;
+        let reply = if self.is_leader() {
+            self.renew_for(self.cfg.node_id, &csr, clock::now()).await
+        } else {
+            let (_, addr) = self.leader().ok_or("no leader")?;
+            self.transport
+                .call_api(&addr, &Request::Api(ApiRequest::Renew { csr_pem: csr }))
+                .await
+                .map_err(|e: CallError| ApiError::Unavailable(e.to_string()))
+        };
+        let Ok(Reply::Cert { cert_pem, not_after }) = reply.map_err(|e| e.to_string()) else {
+            return Err("unexpected renewal reply".into());
+        };
+        crate::config::write_atomic(&self.dir.node_cert(), cert_pem.as_bytes(), 0o644)
+            .map_err(|e| e.to_string())?;
+        let creds =
+            Credentials::from_pem(&cert_pem, &self.ca_pem, &self.key).map_err(|e| e.to_string())?;
+        let server = transport::server_config(&creds, &self.ca_der, self.revoked.clone())
+            .map_err(|e| e.to_string())?;
+        let client = transport::client_config(
+            Some(&creds),
+            &ServerTrust::Cluster {
+                ca_der: self.ca_der.clone(),
+                revoked: self.revoked.clone(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        self.transport.set_configs(Some(server), client);
+        self.cert_not_after.store(not_after, Ordering::Relaxed);
+        Ok(not_after)
+    }
+}
+
+/// This machine's CPUs, memory and architecture.
+pub fn local_resources() -> metta_proto::NodeResources {
+    use std::sync::OnceLock;
+    static CACHE: OnceLock<metta_proto::NodeResources> = OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let memory_bytes = sysinfo::System::new()
+                .map(|mut sys| {
+                    sys.refresh_memory();
+                    sys.total_memory()
+                })
+                .unwrap_or(0);
+            metta_proto::NodeResources {
+                cpus: std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(1),
+                memory_bytes,
+                arch: std::env::consts::ARCH.to_string(),
+            }
+        })
+        .clone()
+}
+
+/// Whether a token rejection is final (no point retrying).
+pub fn is_final(e: &ApiError) -> bool {
+    matches!(e, ApiError::Token(TokenRejection::Unknown | TokenRejection::Used | TokenRejection::Expired | TokenRejection::Revoked | TokenRejection::Malformed))
+        || !matches!(e, ApiError::Unavailable(_))
+}

@@ -1,0 +1,546 @@
+//! The registry: the replicated state of a trust group, and the commands that
+//! change it.
+//!
+//! Pure logic. [`Registry::apply`] is the Raft state machine's transition
+//! function: deterministic, given the command alone. Anything that depends on
+//! time carries the proposer's clock reading *in the command* (`now`), so every
+//! replica reaches the same verdict, and a token or grant check made at apply
+//! time is made once, in log order — which is what makes two machines racing
+//! with one single-use token end with exactly one admitted.
+//!
+//! A failed command changes nothing: every `apply` arm checks everything first
+//! and mutates last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use metta_proto::{
+    grant::resource_covers, ApiError, GrantId, GrantInfo, NodeId, NodeKind, NodeResources, Role,
+    SignedGrant, Subject, TokenInfo, TokenRejection, UserInfo,
+};
+use metta_trust::{
+    grants::{grant_id, verify_grant, GrantView},
+    RevocationList, TokenRecord, UnixTime,
+};
+use serde::{Deserialize, Serialize};
+
+/// A node admitted to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Id (also its Raft id).
+    pub id: NodeId,
+    /// Human name.
+    pub name: String,
+    /// Role from its token.
+    pub role: Role,
+    /// Runtime.
+    pub kind: NodeKind,
+    /// Address members reach it at.
+    pub addr: String,
+    /// Hardware at join (heartbeats refresh the leader's live view).
+    pub resources: NodeResources,
+    /// Its public key (SPKI DER).
+    pub spki_der: Vec<u8>,
+    /// Expiry of its newest certificate.
+    pub cert_not_after: UnixTime,
+    /// When it was admitted.
+    pub joined_at: UnixTime,
+}
+
+/// A user holding a client config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Name.
+    pub name: String,
+    /// Public key (SPKI DER): grants the user issues are checked against it.
+    pub spki_der: Vec<u8>,
+    /// Expiry of the user's certificate.
+    pub cert_not_after: UnixTime,
+}
+
+/// A stored grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// The signed grant.
+    pub signed: SignedGrant,
+    /// Revoked.
+    pub revoked: bool,
+}
+
+/// A node's details when it is admitted (the id is allocated by the registry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admission {
+    /// Name.
+    pub name: String,
+    /// Runtime.
+    pub kind: NodeKind,
+    /// Address.
+    pub addr: String,
+    /// Hardware.
+    pub resources: NodeResources,
+    /// Public key from its CSR (SPKI DER).
+    pub spki_der: Vec<u8>,
+}
+
+/// A change to the registry: the Raft log's application data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// The first entry of a new cluster: the CA, the admin, the first node.
+    Bootstrap {
+        /// Cluster name.
+        cluster: String,
+        /// CA certificate (PEM).
+        ca_cert_pem: String,
+        /// The admin user.
+        admin: UserRecord,
+        /// The first node (a control node, id 1).
+        node: Admission,
+        /// Its certificate's expiry.
+        node_cert_not_after: UnixTime,
+        /// Clock reading of the proposer.
+        now: UnixTime,
+    },
+    /// Store a new join token (hashed).
+    TokenCreate(TokenRecord),
+    /// Revoke a token.
+    TokenRevoke {
+        /// Token id.
+        id: String,
+    },
+    /// Admit a node, consuming one use of its token — in this same entry.
+    AdmitNode {
+        /// The token presented.
+        token_id: String,
+        /// Hash of the secret presented (checked against the stored hash here,
+        /// at apply time, in log order).
+        secret_hash: [u8; 32],
+        /// The node.
+        node: Admission,
+        /// Clock reading of the proposer.
+        now: UnixTime,
+    },
+    /// A certificate was issued to a node (at join or renewal).
+    NodeCert {
+        /// Node.
+        id: NodeId,
+        /// Expiry.
+        not_after: UnixTime,
+    },
+    /// A node's address changed.
+    NodeAddr {
+        /// Node.
+        id: NodeId,
+        /// New address.
+        addr: String,
+    },
+    /// Remove a node and revoke its identity.
+    NodeRemove {
+        /// Node.
+        id: NodeId,
+    },
+    /// Add a user.
+    UserAdd(UserRecord),
+    /// Store a grant after verifying its chain at `now`.
+    GrantAdd {
+        /// The grant.
+        signed: SignedGrant,
+        /// Clock reading of the proposer.
+        now: UnixTime,
+    },
+    /// Revoke a grant.
+    GrantRevoke {
+        /// Id.
+        id: GrantId,
+    },
+    /// Revoke a subject: its certificates stop working on every node.
+    RevokeSubject(Subject),
+    /// Write a key.
+    KvPut {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+}
+
+/// What applying a command produced (the Raft response type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// Nothing to report (also the result of blank and membership entries).
+    Done,
+    /// A node was admitted with this id.
+    Admitted(NodeId),
+    /// A grant was stored under this id.
+    Granted(GrantId),
+    /// The command was refused; nothing changed.
+    Refused(ApiError),
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Applied::Done
+    }
+}
+
+/// The replicated registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    /// Cluster name (empty until bootstrapped).
+    pub cluster: String,
+    /// CA certificate (PEM).
+    pub ca_cert_pem: String,
+    /// The admin, root of every grant chain.
+    pub admin: Option<Subject>,
+    /// Next node id to allocate.
+    pub next_node_id: NodeId,
+    /// Admitted nodes (removed ones are dropped; their ids stay revoked).
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Join tokens by id.
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// Users by name.
+    pub users: BTreeMap<String, UserRecord>,
+    /// Grants by id.
+    pub grants: BTreeMap<GrantId, GrantRecord>,
+    /// Revoked subjects and serials.
+    pub revoked: RevocationList,
+    /// The general key space.
+    pub kv: BTreeMap<String, Vec<u8>>,
+}
+
+fn refuse(e: ApiError) -> Applied {
+    Applied::Refused(e)
+}
+
+impl Registry {
+    /// Applies one command. Refused commands leave the registry unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        match cmd {
+            Command::Bootstrap {
+                cluster,
+                ca_cert_pem,
+                admin,
+                node,
+                node_cert_not_after,
+                now,
+            } => {
+                if !self.cluster.is_empty() {
+                    return refuse(ApiError::AlreadyExists("cluster is bootstrapped".into()));
+                }
+                self.cluster = cluster.clone();
+                self.ca_cert_pem = ca_cert_pem.clone();
+                self.admin = Some(Subject::User(admin.name.clone()));
+                self.users.insert(admin.name.clone(), admin.clone());
+                self.nodes.insert(
+                    1,
+                    NodeRecord {
+                        id: 1,
+                        name: node.name.clone(),
+                        role: Role::Control,
+                        kind: node.kind,
+                        addr: node.addr.clone(),
+                        resources: node.resources.clone(),
+                        spki_der: node.spki_der.clone(),
+                        cert_not_after: *node_cert_not_after,
+                        joined_at: *now,
+                    },
+                );
+                self.next_node_id = 2;
+                Applied::Admitted(1)
+            }
+            Command::TokenCreate(rec) => {
+                if self.tokens.contains_key(&rec.id) {
+                    return refuse(ApiError::AlreadyExists(format!("token {}", rec.id)));
+                }
+                self.tokens.insert(rec.id.clone(), rec.clone());
+                Applied::Done
+            }
+            Command::TokenRevoke { id } => match self.tokens.get_mut(id) {
+                Some(t) => {
+                    t.revoked = true;
+                    Applied::Done
+                }
+                None => refuse(ApiError::NotFound(format!("token {id}"))),
+            },
+            Command::AdmitNode {
+                token_id,
+                secret_hash,
+                node,
+                now,
+            } => {
+                let rec = self.tokens.get(token_id);
+                if let Err(r) = check_token_hash(rec, secret_hash, *now) {
+                    return refuse(ApiError::Token(r));
+                }
+                if self.nodes.values().any(|n| n.name == node.name) {
+                    return refuse(ApiError::AlreadyExists(format!(
+                        "a node named {:?}",
+                        node.name
+                    )));
+                }
+                let Some(rec) = self.tokens.get_mut(token_id) else {
+                    return refuse(ApiError::Token(TokenRejection::Unknown));
+                };
+                rec.uses_left -= 1;
+                let role = rec.role;
+                let id = self.next_node_id;
+                self.next_node_id += 1;
+                self.nodes.insert(
+                    id,
+                    NodeRecord {
+                        id,
+                        name: node.name.clone(),
+                        role,
+                        kind: node.kind,
+                        addr: node.addr.clone(),
+                        resources: node.resources.clone(),
+                        spki_der: node.spki_der.clone(),
+                        cert_not_after: 0,
+                        joined_at: *now,
+                    },
+                );
+                Applied::Admitted(id)
+            }
+            Command::NodeCert { id, not_after } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.cert_not_after = *not_after;
+                    Applied::Done
+                }
+                None => refuse(ApiError::NotFound(format!("node/{id}"))),
+            },
+            Command::NodeAddr { id, addr } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    n.addr = addr.clone();
+                    Applied::Done
+                }
+                None => refuse(ApiError::NotFound(format!("node/{id}"))),
+            },
+            Command::NodeRemove { id } => {
+                if self.nodes.remove(id).is_none() {
+                    return refuse(ApiError::NotFound(format!("node/{id}")));
+                }
+                self.revoked.revoke_subject(Subject::Node(*id));
+                Applied::Done
+            }
+            Command::UserAdd(user) => {
+                let subject = Subject::User(user.name.clone());
+                if self.users.contains_key(&user.name) {
+                    return refuse(ApiError::AlreadyExists(format!("user {}", user.name)));
+                }
+                if self.revoked.subject_revoked(&subject) {
+                    return refuse(ApiError::AlreadyExists(format!(
+                        "user {} was revoked; names are not reused",
+                        user.name
+                    )));
+                }
+                self.users.insert(user.name.clone(), user.clone());
+                Applied::Done
+            }
+            Command::GrantAdd { signed, now } => {
+                let id = grant_id(&signed.grant);
+                if self.grants.contains_key(&id) {
+                    return refuse(ApiError::AlreadyExists(format!("grant {id}")));
+                }
+                if let Err(e) = verify_grant(signed, self, *now) {
+                    return refuse(ApiError::GrantRejected(e.to_string()));
+                }
+                self.grants.insert(
+                    id,
+                    GrantRecord {
+                        signed: signed.clone(),
+                        revoked: false,
+                    },
+                );
+                Applied::Granted(id)
+            }
+            Command::GrantRevoke { id } => match self.grants.get_mut(id) {
+                Some(g) => {
+                    g.revoked = true;
+                    Applied::Done
+                }
+                None => refuse(ApiError::NotFound(format!("grant {id}"))),
+            },
+            Command::RevokeSubject(subject) => {
+                if Some(subject) == self.admin.as_ref() {
+                    return refuse(ApiError::InvalidArgument(
+                        "the cluster admin cannot be revoked".into(),
+                    ));
+                }
+                let known = match subject {
+                    Subject::Node(id) => self.nodes.contains_key(id),
+                    Subject::User(name) => self.users.contains_key(name),
+                };
+                if !known {
+                    return refuse(ApiError::NotFound(subject.to_string()));
+                }
+                if let Subject::Node(id) = subject {
+                    self.nodes.remove(id);
+                }
+                self.revoked.revoke_subject(subject.clone());
+                Applied::Done
+            }
+            Command::KvPut { key, value } => {
+                self.kv.insert(key.clone(), value.clone());
+                Applied::Done
+            }
+        }
+    }
+
+    /// Finds a grant by a unique prefix of its hex id.
+    pub fn find_grant(&self, prefix: &str) -> Result<GrantId, ApiError> {
+        let prefix = prefix.to_ascii_lowercase();
+        if prefix.len() < 4 {
+            return Err(ApiError::InvalidArgument(
+                "give at least 4 hex digits of the grant id".into(),
+            ));
+        }
+        let matches: Vec<GrantId> = self
+            .grants
+            .keys()
+            .filter(|id| hex::encode(id.0).starts_with(&prefix))
+            .copied()
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ApiError::NotFound(format!("grant {prefix}"))),
+            _ => Err(ApiError::InvalidArgument(format!(
+                "grant id prefix {prefix} is ambiguous"
+            ))),
+        }
+    }
+
+    /// Token list for display.
+    pub fn token_infos(&self) -> Vec<TokenInfo> {
+        self.tokens
+            .values()
+            .map(|t| TokenInfo {
+                id: t.id.clone(),
+                role: t.role,
+                expires_at: t.expires_at,
+                uses_left: t.uses_left,
+                revoked: t.revoked,
+                created_by: t.created_by.clone(),
+            })
+            .collect()
+    }
+
+    /// User list for display.
+    pub fn user_infos(&self) -> Vec<UserInfo> {
+        let revoked: BTreeSet<&String> = self
+            .users
+            .keys()
+            .filter(|n| self.revoked.subject_revoked(&Subject::User((*n).clone())))
+            .collect();
+        self.users
+            .keys()
+            .map(|n| UserInfo {
+                name: n.clone(),
+                revoked: revoked.contains(n),
+                admin: self.admin == Some(Subject::User(n.clone())),
+            })
+            .collect()
+    }
+
+    /// Grant list for display, optionally of one subject.
+    pub fn grant_infos(&self, subject: Option<&Subject>) -> Vec<GrantInfo> {
+        self.grants
+            .iter()
+            .filter(|(_, g)| subject.is_none_or(|s| &g.signed.grant.subject == s))
+            .map(|(id, g)| GrantInfo {
+                id: *id,
+                grant: g.signed.clone(),
+                revoked: g.revoked,
+            })
+            .collect()
+    }
+
+    /// Whether `subject` may exercise `rights` on `resource` at `now`.
+    pub fn authorize(
+        &self,
+        subject: &Subject,
+        rights: metta_proto::Rights,
+        resource: &str,
+        now: UnixTime,
+    ) -> Result<(), ApiError> {
+        if self.revoked.subject_revoked(subject) {
+            return Err(ApiError::PermissionDenied {
+                subject: subject.clone(),
+                rights,
+                resource: resource.to_string(),
+            });
+        }
+        metta_trust::grants::authorize(subject, rights, resource, self, now).map_err(Into::into)
+    }
+
+    /// The resource a key lives at.
+    pub fn kv_resource(key: &str) -> String {
+        format!("/kv/{}", key.trim_start_matches('/'))
+    }
+
+    /// Whether `granted` covers resource `wanted` (re-exported for callers).
+    pub fn covers(granted: &str, wanted: &str) -> bool {
+        resource_covers(granted, wanted)
+    }
+}
+
+/// Token check against a presented secret *hash* (the log never holds secrets).
+fn check_token_hash(
+    rec: Option<&TokenRecord>,
+    secret_hash: &[u8; 32],
+    now: UnixTime,
+) -> Result<(), TokenRejection> {
+    match rec {
+        Some(r) if constant_time_eq(&r.secret_hash, secret_hash) => {
+            // reuse the trust crate's ordering of the remaining checks
+            check_token_after_secret(r, now)
+        }
+        _ => Err(TokenRejection::Unknown),
+    }
+}
+
+fn check_token_after_secret(r: &TokenRecord, now: UnixTime) -> Result<(), TokenRejection> {
+    if r.revoked {
+        Err(TokenRejection::Revoked)
+    } else if now >= r.expires_at {
+        Err(TokenRejection::Expired)
+    } else if r.uses_left == 0 {
+        Err(TokenRejection::Used)
+    } else {
+        Ok(())
+    }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl GrantView for Registry {
+    fn grant(&self, id: &GrantId) -> Option<&SignedGrant> {
+        self.grants.get(id).map(|g| &g.signed)
+    }
+    fn grant_revoked(&self, id: &GrantId) -> bool {
+        self.grants.get(id).is_some_and(|g| g.revoked)
+    }
+    fn public_key(&self, s: &Subject) -> Option<&[u8]> {
+        match s {
+            Subject::User(n) => self.users.get(n).map(|u| u.spki_der.as_slice()),
+            Subject::Node(id) => self.nodes.get(id).map(|n| n.spki_der.as_slice()),
+        }
+    }
+    fn subject_revoked(&self, s: &Subject) -> bool {
+        self.revoked.subject_revoked(s)
+    }
+    fn admin(&self) -> &Subject {
+        static NOBODY: std::sync::OnceLock<Subject> = std::sync::OnceLock::new();
+        self.admin
+            .as_ref()
+            .unwrap_or_else(|| NOBODY.get_or_init(|| Subject::User("-".into())))
+    }
+    fn grants_of<'a>(&'a self, s: &Subject) -> Box<dyn Iterator<Item = &'a SignedGrant> + 'a> {
+        let s = s.clone();
+        Box::new(
+            self.grants
+                .values()
+                .filter(move |g| g.signed.grant.subject == s)
+                .map(|g| &g.signed),
+        )
+    }
+}
