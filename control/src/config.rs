@@ -64,10 +64,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ConfigEr
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = path.with_extension(format!(
-        "tmp{}",
-        std::process::id() ^ rand::random::<u32>()
-    ));
+    let tmp = path.with_extension(format!("tmp{}", std::process::id() ^ rand::random::<u32>()));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use metta_proto::{RaftRpc, Reply, Request};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -57,14 +59,22 @@ pub struct Network {
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
 impl Network {
-    async fn rpc<Req, Resp, E>(&self, wrap: fn(Vec<u8>) -> RaftRpc, req: &Req) -> Result<Resp, RpcErr<E>>
+    async fn rpc<Req, Resp, E>(
+        &self,
+        wrap: fn(Vec<u8>) -> RaftRpc,
+        req: &Req,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let bytes = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = match self.transport.call(&self.addr, &Request::Raft(wrap(bytes))).await {
+        let reply = match self
+            .transport
+            .call(&self.addr, &Request::Raft(wrap(bytes)))
+            .await
+        {
             Ok(r) => r,
             Err(e @ (TransportError::Connect { .. } | TransportError::Resolve { .. })) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&e)))
@@ -77,9 +87,9 @@ impl Network {
                     decode(&b).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
-            Ok(other) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
-                format!("unexpected reply to a Raft RPC: {other:?}"),
-            )))),
+            Ok(other) => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(format!("unexpected reply to a Raft RPC: {other:?}")),
+            ))),
             Err(api) => Err(RPCError::Unreachable(Unreachable::new(&api))),
         }
     }

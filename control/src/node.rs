@@ -13,9 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metta_proto::{
-    ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId,
-    NodeStatus, RaftRole, RaftRpc, Reply, Request, Response, Role, Subject,
-    TokenRejection, MAX_FRAME_LEN,
+    ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId, NodeStatus,
+    RaftRole, RaftRpc, Reply, Request, Response, Role, Subject, TokenRejection, MAX_FRAME_LEN,
 };
 use metta_trust::{ClusterCa, JoinToken, NodeKey, RevocationList, TokenRecord, UnixTime};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -29,7 +28,9 @@ use crate::policy::{requirement, Requirement};
 use crate::raft_types::Raft;
 use crate::registry::{Admission, Applied, Command, Registry, UserRecord};
 use crate::store;
-use crate::transport::{self, read_frame, write_frame, CallError, Credentials, ReadError, ServerTrust, Transport};
+use crate::transport::{
+    self, read_frame, write_frame, CallError, Credentials, ReadError, ServerTrust, Transport,
+};
 
 /// How long without a heartbeat before a node counts as down.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(3);
@@ -153,7 +154,11 @@ impl Node {
         let registry = sm.registry();
         let applied = sm.subscribe();
         let revoked = Arc::new(RwLock::new(
-            registry.read().unwrap_or_else(|e| e.into_inner()).revoked.clone(),
+            registry
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .revoked
+                .clone(),
         ));
 
         let creds = Credentials::from_pem(&cert_pem, &ca_pem, &key)?;
@@ -414,7 +419,9 @@ impl Node {
             return Err(ApiError::Unavailable("no leader elected yet; retry".into()));
         };
         if id == self.cfg.node_id {
-            return Err(ApiError::Unavailable("leadership is changing; retry".into()));
+            return Err(ApiError::Unavailable(
+                "leadership is changing; retry".into(),
+            ));
         }
         match self.transport.call(&addr, &req).await {
             Ok(r) => r,
@@ -461,7 +468,12 @@ impl Node {
     }
 
     /// An authenticated API call by `subject`.
-    async fn api(self: &Arc<Self>, subject: Subject, call: ApiRequest, may_forward: bool) -> Response {
+    async fn api(
+        self: &Arc<Self>,
+        subject: Subject,
+        call: ApiRequest,
+        may_forward: bool,
+    ) -> Response {
         let now = clock::now();
         if let ApiRequest::Status = call {
             return Ok(Reply::Status(self.status(subject)));
@@ -502,9 +514,14 @@ impl Node {
                     ));
                 }
                 if uses == 0 {
-                    return Err(ApiError::InvalidArgument("token uses must be at least 1".into()));
+                    return Err(ApiError::InvalidArgument(
+                        "token uses must be at least 1".into(),
+                    ));
                 }
-                let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+                let ca = self
+                    .ca
+                    .as_ref()
+                    .ok_or_else(|| internal("leader has no CA key"))?;
                 let token = JoinToken::generate(&mut rand::rng(), ca.pin());
                 let rec = TokenRecord {
                     id: token.id.clone(),
@@ -531,7 +548,10 @@ impl Node {
             ApiRequest::UserAdd { name, csr_pem } => {
                 metta_proto::ids::check_name("user", &name)
                     .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-                let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+                let ca = self
+                    .ca
+                    .as_ref()
+                    .ok_or_else(|| internal("leader has no CA key"))?;
                 let spki = metta_trust::csr_public_key(&csr_pem)
                     .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
                 let not_after = now + USER_CERT_LIFETIME;
@@ -542,7 +562,13 @@ impl Node {
                 }))
                 .await?;
                 let issued = ca
-                    .issue(&csr_pem, &Subject::User(name), now, USER_CERT_LIFETIME, rand::random())
+                    .issue(
+                        &csr_pem,
+                        &Subject::User(name),
+                        now,
+                        USER_CERT_LIFETIME,
+                        rand::random(),
+                    )
                     .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
                 Ok(Reply::Cert {
                     cert_pem: issued.pem,
@@ -641,7 +667,11 @@ impl Node {
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let learners: BTreeSet<u64> = membership.learner_ids().collect();
-        let hbs = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let hbs = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let reg = self.registry();
         reg.nodes
             .values()
@@ -702,7 +732,10 @@ impl Node {
     }
 
     async fn renew_for(&self, id: NodeId, csr_pem: &str, now: UnixTime) -> Response {
-        let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or_else(|| internal("leader has no CA key"))?;
         let spki = metta_trust::csr_public_key(csr_pem)
             .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
         let known = self.registry().nodes.get(&id).map(|n| n.spki_der.clone());
@@ -753,7 +786,10 @@ impl Node {
                 j.addr
             )));
         }
-        let ca = self.ca.as_ref().ok_or_else(|| internal("leader has no CA key"))?;
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or_else(|| internal("leader has no CA key"))?;
         let spki = metta_trust::csr_public_key(&j.csr_pem)
             .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
         let applied = self
@@ -787,7 +823,12 @@ impl Node {
             not_after: issued.not_after,
         })
         .await?;
-        let role = self.registry().nodes.get(&id).map(|n| n.role).unwrap_or(Role::Worker);
+        let role = self
+            .registry()
+            .nodes
+            .get(&id)
+            .map(|n| n.role)
+            .unwrap_or(Role::Worker);
         let members = self
             .registry()
             .nodes
@@ -829,17 +870,17 @@ impl Node {
             };
             let now = clock::now();
             {
-            let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            for c in conns.values() {
-                let revoked = c.subject.as_ref().is_some_and(|s| list.subject_revoked(s))
-                    || (!c.serial.is_empty() && list.serial_revoked(&c.serial));
-                if revoked {
-                    info!(peer = ?c.subject, "closing connection of revoked identity");
-                    c.conn.close(1u32.into(), b"identity revoked");
-                } else if now >= c.not_after {
-                    c.conn.close(2u32.into(), b"certificate expired");
+                let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+                for c in conns.values() {
+                    let revoked = c.subject.as_ref().is_some_and(|s| list.subject_revoked(s))
+                        || (!c.serial.is_empty() && list.serial_revoked(&c.serial));
+                    if revoked {
+                        info!(peer = ?c.subject, "closing connection of revoked identity");
+                        c.conn.close(1u32.into(), b"identity revoked");
+                    } else if now >= c.not_after {
+                        c.conn.close(2u32.into(), b"certificate expired");
+                    }
                 }
-            }
             }
             if changed {
                 for c in self.transport.outgoing() {
@@ -1018,8 +1059,12 @@ impl Node {
     }
 
     async fn renew(self: &Arc<Self>) -> Result<UnixTime, String> {
-        let csr = metta_trust::make_csr(&self.key, &Subject::Node(self.cfg.node_id), &self.cfg.cluster)
-            .map_err(|e| e.to_string())?;
+        let csr = metta_trust::make_csr(
+            &self.key,
+            &Subject::Node(self.cfg.node_id),
+            &self.cfg.cluster,
+        )
+        .map_err(|e| e.to_string())?;
         let reply = if self.is_leader() {
             self.renew_for(self.cfg.node_id, &csr, clock::now()).await
         } else {
@@ -1029,7 +1074,11 @@ impl Node {
                 .await
                 .map_err(|e: CallError| ApiError::Unavailable(e.to_string()))
         };
-        let Ok(Reply::Cert { cert_pem, not_after }) = reply.map_err(|e| e.to_string()) else {
+        let Ok(Reply::Cert {
+            cert_pem,
+            not_after,
+        }) = reply.map_err(|e| e.to_string())
+        else {
             return Err("unexpected renewal reply".into());
         };
         crate::config::write_atomic(&self.dir.node_cert(), cert_pem.as_bytes(), 0o644)
@@ -1077,6 +1126,14 @@ pub fn local_resources() -> metta_proto::NodeResources {
 
 /// Whether a token rejection is final (no point retrying).
 pub fn is_final(e: &ApiError) -> bool {
-    matches!(e, ApiError::Token(TokenRejection::Unknown | TokenRejection::Used | TokenRejection::Expired | TokenRejection::Revoked | TokenRejection::Malformed))
-        || !matches!(e, ApiError::Unavailable(_))
+    matches!(
+        e,
+        ApiError::Token(
+            TokenRejection::Unknown
+                | TokenRejection::Used
+                | TokenRejection::Expired
+                | TokenRejection::Revoked
+                | TokenRejection::Malformed
+        )
+    ) || !matches!(e, ApiError::Unavailable(_))
 }

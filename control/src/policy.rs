@@ -53,11 +53,14 @@ mod tests {
     fn writes_need_write_and_reads_need_read() {
         let bob = Subject::User("bob".into());
         assert_eq!(
-            requirement(&bob, &ApiRequest::TokenCreate {
-                role: metta_proto::Role::Worker,
-                ttl_secs: 60,
-                uses: 1
-            }),
+            requirement(
+                &bob,
+                &ApiRequest::TokenCreate {
+                    role: metta_proto::Role::Worker,
+                    ttl_secs: 60,
+                    uses: 1
+                }
+            ),
             Requirement::Right(Rights::of(Right::Write), "/tokens".into())
         );
         assert_eq!(
@@ -65,13 +68,21 @@ mod tests {
             Requirement::Right(Rights::of(Right::Read), "/kv/a/b".into())
         );
         assert_eq!(
-            requirement(&bob, &ApiRequest::Renew {
-                csr_pem: String::new()
-            }),
+            requirement(
+                &bob,
+                &ApiRequest::Renew {
+                    csr_pem: String::new()
+                }
+            ),
             Requirement::NodeOnly
         );
         assert_eq!(
-            requirement(&bob, &ApiRequest::Grants { subject: Some(bob.clone()) }),
+            requirement(
+                &bob,
+                &ApiRequest::Grants {
+                    subject: Some(bob.clone())
+                }
+            ),
             Requirement::Authenticated
         );
         assert_eq!(

@@ -163,9 +163,10 @@ pub enum Command {
 }
 
 /// What applying a command produced (the Raft response type).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     /// Nothing to report (also the result of blank and membership entries).
+    #[default]
     Done,
     /// A node was admitted with this id.
     Admitted(NodeId),
@@ -175,11 +176,6 @@ pub enum Applied {
     Refused(ApiError),
 }
 
-impl Default for Applied {
-    fn default() -> Self {
-        Applied::Done
-    }
-}
 
 /// The replicated registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,13 +70,17 @@ pub struct InitOptions {
 
 /// Creates the CA, the first node and the admin credentials.
 pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
-    metta_proto::ids::check_name("cluster", &o.cluster).map_err(|e| SetupError::Invalid(e.to_string()))?;
-    metta_proto::ids::check_name("node", &o.name).map_err(|e| SetupError::Invalid(e.to_string()))?;
+    metta_proto::ids::check_name("cluster", &o.cluster)
+        .map_err(|e| SetupError::Invalid(e.to_string()))?;
+    metta_proto::ids::check_name("node", &o.name)
+        .map_err(|e| SetupError::Invalid(e.to_string()))?;
     check_addr(&o.listen)?;
     let advertise = o.advertise.clone().unwrap_or_else(|| o.listen.clone());
     check_addr(&advertise)?;
     if o.cert_lifetime_secs < 60 {
-        return Err(SetupError::Invalid("certificate lifetime must be at least 60 s".into()));
+        return Err(SetupError::Invalid(
+            "certificate lifetime must be at least 60 s".into(),
+        ));
     }
     let dir = DataDir(o.data_dir.clone());
     if dir.is_configured() {
@@ -91,7 +95,13 @@ pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
     let node_key = NodeKey::generate().map_err(cred)?;
     let node_csr = metta_trust::make_csr(&node_key, &Subject::Node(1), &o.cluster).map_err(cred)?;
     let node_cert = ca
-        .issue(&node_csr, &Subject::Node(1), now, o.cert_lifetime_secs, rand::random())
+        .issue(
+            &node_csr,
+            &Subject::Node(1),
+            now,
+            o.cert_lifetime_secs,
+            rand::random(),
+        )
         .map_err(cred)?;
 
     let admin_key = NodeKey::generate().map_err(cred)?;
@@ -190,8 +200,10 @@ pub struct Joined {
 /// Joins a cluster: key, CSR + token over QUIC to a pinned-CA server, then the
 /// data directory. The node is not started.
 pub async fn join(o: &JoinOptions) -> Result<Joined, SetupError> {
-    let token = JoinToken::from_str(o.token.trim()).map_err(|e| SetupError::Invalid(e.to_string()))?;
-    metta_proto::ids::check_name("node", &o.name).map_err(|e| SetupError::Invalid(e.to_string()))?;
+    let token =
+        JoinToken::from_str(o.token.trim()).map_err(|e| SetupError::Invalid(e.to_string()))?;
+    metta_proto::ids::check_name("node", &o.name)
+        .map_err(|e| SetupError::Invalid(e.to_string()))?;
     check_addr(&o.listen)?;
     let advertise = o.advertise.clone().unwrap_or_else(|| o.listen.clone());
     check_addr(&advertise)?;
@@ -222,9 +234,9 @@ pub async fn join(o: &JoinOptions) -> Result<Joined, SetupError> {
     let resp = match reply? {
         Reply::Joined(r) => r,
         other => {
-            return Err(SetupError::Call(CallError::Api(ApiError::Internal(format!(
-                "unexpected reply {other:?}"
-            )))))
+            return Err(SetupError::Call(CallError::Api(ApiError::Internal(
+                format!("unexpected reply {other:?}"),
+            ))))
         }
     };
     let ca_der = metta_trust::cert::pem_to_der(&resp.ca_cert_pem).map_err(cred)?;

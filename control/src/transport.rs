@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use metta_proto::{frame, ApiError, FrameError, Reply, Request, Response, ALPN, MAX_FRAME_LEN};
 use metta_trust::{CaPin, ClusterClientVerifier, ClusterServerVerifier, PinnedServerVerifier};
-use metta_trust::{RevocationList, NodeKey};
+use metta_trust::{NodeKey, RevocationList};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{de::DeserializeOwned, Serialize};
@@ -84,8 +84,10 @@ impl Clone for Credentials {
 impl Credentials {
     /// From PEM texts of the leaf certificate, the CA and the key.
     pub fn from_pem(cert_pem: &str, ca_pem: &str, key: &NodeKey) -> Result<Self, TransportError> {
-        let leaf = metta_trust::cert::pem_to_der(cert_pem).map_err(|e| TransportError::Tls(e.to_string()))?;
-        let ca = metta_trust::cert::pem_to_der(ca_pem).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let leaf = metta_trust::cert::pem_to_der(cert_pem)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let ca = metta_trust::cert::pem_to_der(ca_pem)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
         Ok(Credentials {
             chain: vec![CertificateDer::from(leaf), CertificateDer::from(ca)],
             key: key.tls_private_key(),
@@ -311,7 +313,11 @@ impl Transport {
                 return Ok(c.clone());
             }
         }
-        let cfg = self.client.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let cfg = self
+            .client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let connecting = self
             .endpoint
             .connect_with(cfg, sa, SERVER_NAME)
@@ -343,9 +349,10 @@ impl Transport {
             addr: addr.into(),
             msg,
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
-            stream_err(e.to_string())
-        })?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
         write_frame(&mut send, req).await.map_err(stream_err)?;
         match read_frame::<Response>(&mut recv, MAX_FRAME_LEN).await {
             Ok(r) => Ok(r),

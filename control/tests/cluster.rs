@@ -18,7 +18,10 @@ fn three_control_nodes_survive_leader_kill_and_restart_catches_up() {
     for n in &nodes {
         assert_eq!(n["role"], "control");
         assert!(n["cpus"].as_u64().unwrap() >= 1, "cpus reported: {n}");
-        assert!(n["memory_bytes"].as_u64().unwrap() > 1 << 20, "memory reported: {n}");
+        assert!(
+            n["memory_bytes"].as_u64().unwrap() > 1 << 20,
+            "memory reported: {n}"
+        );
         assert!(n["cert_not_after"].as_u64().unwrap() > 0);
     }
     // The token is spent.
@@ -32,7 +35,10 @@ fn three_control_nodes_survive_leader_kill_and_restart_catches_up() {
     let leader = c.leader_index().expect("a leader");
     c.nodes[leader].kill();
     wait_for(Duration::from_secs(15), "a write after leader loss", || {
-        c.ctl(&["kv", "put", "after", "2"]).status.success().then_some(())
+        c.ctl(&["kv", "put", "after", "2"])
+            .status
+            .success()
+            .then_some(())
     });
     assert_eq!(c.ok(&["kv", "get", "before"]).trim(), "1");
     assert_eq!(c.ok(&["kv", "get", "after"]).trim(), "2");
@@ -55,11 +61,15 @@ fn three_control_nodes_survive_leader_kill_and_restart_catches_up() {
         v["applied"].as_u64()
     };
     let target = leader_applied().expect("status");
-    wait_for(Duration::from_secs(15), "restarted node catching up", || {
-        let o = ctl(&node_conf, &["status", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).ok()?;
-        (v["applied"].as_u64()? >= target).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "restarted node catching up",
+        || {
+            let o = ctl(&node_conf, &["status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&stdout(&o)).ok()?;
+            (v["applied"].as_u64()? >= target).then_some(())
+        },
+    );
 }
 
 /// Writes a client config that carries a node's own credentials.
@@ -128,17 +138,18 @@ fn bad_tokens_are_refused_with_a_clear_reason_and_change_nothing() {
     // malformed
     let (_, _, o) = c.join_cmd("metta1.zz", "x3");
     assert!(!o.status.success());
-    assert!(stderr(&o).to_lowercase().contains("token"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).to_lowercase().contains("token"),
+        "{}",
+        stderr(&o)
+    );
     // revoked
     let id = good.split('.').nth(1).unwrap().to_string();
     c.ok(&["token", "revoke", &id]);
     let (_, _, o) = c.join_cmd(&good, "x4");
     assert!(stderr(&o).contains("token revoked"), "{}", stderr(&o));
     // expired
-    let short = c
-        .ok(&["token", "create", "--ttl", "1s"])
-        .trim()
-        .to_string();
+    let short = c.ok(&["token", "create", "--ttl", "1s"]).trim().to_string();
     std::thread::sleep(Duration::from_millis(1100));
     let (_, _, o) = c.join_cmd(&short, "x5");
     assert!(stderr(&o).contains("token expired"), "{}", stderr(&o));

@@ -84,7 +84,9 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     }
     let (msg, rest) = postcard::take_from_bytes(payload).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(msg)
 }
@@ -281,7 +283,7 @@ mod tests {
 
         #[test]
         fn kv_put_roundtrips(key in ".{0,40}", value in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let req = Request::Api(ApiRequest::KvPut { key: key.into(), value });
+            let req = Request::Api(ApiRequest::KvPut { key, value });
             let bytes = encode(&req).unwrap();
             let mut d = FrameDecoder::default();
             d.push(&bytes);

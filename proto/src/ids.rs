@@ -169,6 +169,9 @@ mod tests {
         }
         assert!(Subject::from_uri("https://x/node/1").is_err());
         assert!(Subject::from_uri("metta://BAD/node/1").is_err());
-        assert_eq!("bob".parse::<Subject>().unwrap(), Subject::User("bob".into()));
+        assert_eq!(
+            "bob".parse::<Subject>().unwrap(),
+            Subject::User("bob".into())
+        );
     }
 }

@@ -388,7 +388,10 @@ impl fmt::Display for ApiError {
                 subject,
                 rights,
                 resource,
-            } => write!(f, "permission denied: {subject} lacks {rights} on {resource}"),
+            } => write!(
+                f,
+                "permission denied: {subject} lacks {rights} on {resource}"
+            ),
             ApiError::Unauthenticated => {
                 f.write_str("unauthenticated: present a cluster certificate (only join is open)")
             }

@@ -230,7 +230,8 @@ enum KvCmd {
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse().map_err(|e: metta_proto::SubjectParseError| e.to_string())
+    s.parse()
+        .map_err(|e: metta_proto::SubjectParseError| e.to_string())
 }
 
 /// Parses `90s`, `30m`, `24h`, `7d` or plain seconds.
@@ -271,7 +272,9 @@ fn main() -> ExitCode {
 }
 
 fn config_path(cli: &Cli) -> PathBuf {
-    cli.config.clone().unwrap_or_else(ClientConfig::default_path)
+    cli.config
+        .clone()
+        .unwrap_or_else(ClientConfig::default_path)
 }
 
 fn client(cli: &Cli) -> anyhow::Result<Client> {
@@ -416,7 +419,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("you:      {}", s.you);
                 println!(
                     "leader:   {}",
-                    s.leader.map(|l| format!("node/{l}")).unwrap_or("none".into())
+                    s.leader
+                        .map(|l| format!("node/{l}"))
+                        .unwrap_or("none".into())
                 );
                 println!("term:     {}", s.term);
                 println!("applied:  {}", s.applied);
@@ -452,7 +457,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     } else {
                         println!(
                             "{:<4} {:<12} {:<8} {:<7} {:<22} {:<6} {:>4} {:>9} {:<10} RAFT",
-                            "ID", "NAME", "ROLE", "KIND", "ADDRESS", "STATUS", "CPUS", "MEMORY", "CERT"
+                            "ID",
+                            "NAME",
+                            "ROLE",
+                            "KIND",
+                            "ADDRESS",
+                            "STATUS",
+                            "CPUS",
+                            "MEMORY",
+                            "CERT"
                         );
                         for n in nodes {
                             println!(
@@ -523,7 +536,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 .collect(),
                         ));
                     } else {
-                        println!("{:<10} {:<8} {:<10} {:>4} {:<8} CREATED BY", "ID", "ROLE", "EXPIRES", "USES", "STATE");
+                        println!(
+                            "{:<10} {:<8} {:<10} {:>4} {:<8} CREATED BY",
+                            "ID", "ROLE", "EXPIRES", "USES", "STATE"
+                        );
                         for t in ts {
                             println!(
                                 "{:<10} {:<8} {:<10} {:>4} {:<8} {}",
@@ -703,7 +719,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else if let Some(s) = subject {
                 let s: Subject = s.parse()?;
                 call(&c, ApiRequest::RevokeSubject(s.clone())).await?;
-                eprintln!("{s} revoked: its connections close and new handshakes fail on every node");
+                eprintln!(
+                    "{s} revoked: its connections close and new handshakes fail on every node"
+                );
             }
             Ok(())
         }
@@ -832,12 +850,13 @@ fn mettad_path() -> PathBuf {
     }
 }
 
-async fn start_node(data_dir: &Path, start: &StartArgs, probe: &ClientConfig) -> anyhow::Result<()> {
+async fn start_node(
+    data_dir: &Path,
+    start: &StartArgs,
+    probe: &ClientConfig,
+) -> anyhow::Result<()> {
     if start.no_start {
-        eprintln!(
-            "start it with: mettad --data-dir {}",
-            data_dir.display()
-        );
+        eprintln!("start it with: mettad --data-dir {}", data_dir.display());
         return Ok(());
     }
     let mettad = mettad_path();
@@ -886,7 +905,9 @@ async fn start_node(data_dir: &Path, start: &StartArgs, probe: &ClientConfig) ->
                 client.close();
                 return Ok(());
             }
-            Ok(_) | Err(CallError::Transport(_)) | Err(CallError::Api(ApiError::Unavailable(_))) => {}
+            Ok(_)
+            | Err(CallError::Transport(_))
+            | Err(CallError::Api(ApiError::Unavailable(_))) => {}
             Err(e) => bail!("node answered with an error during start-up: {e}"),
         }
         if Instant::now() > deadline {

@@ -46,8 +46,7 @@ fn main() -> anyhow::Result<()> {
         let node = Node::start(dir)
             .await
             .with_context(|| format!("starting node in {}", args.data_dir.display()))?;
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},

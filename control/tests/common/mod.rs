@@ -165,7 +165,14 @@ impl Cluster {
 
     pub fn token(&self, role: &str, uses: u32) -> String {
         self.ok(&[
-            "token", "create", "--role", role, "--ttl", "10m", "--uses", &uses.to_string(),
+            "token",
+            "create",
+            "--role",
+            role,
+            "--ttl",
+            "10m",
+            "--uses",
+            &uses.to_string(),
         ])
         .trim()
         .to_string()
