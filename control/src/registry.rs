@@ -176,7 +176,6 @@ pub enum Applied {
     Refused(ApiError),
 }
 
-
 /// The replicated registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {

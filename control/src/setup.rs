@@ -77,11 +77,7 @@ pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
     check_addr(&o.listen)?;
     let advertise = o.advertise.clone().unwrap_or_else(|| o.listen.clone());
     check_addr(&advertise)?;
-    if o.cert_lifetime_secs < 60 {
-        return Err(SetupError::Invalid(
-            "certificate lifetime must be at least 60 s".into(),
-        ));
-    }
+    check_lifetime(o.cert_lifetime_secs)?;
     let dir = DataDir(o.data_dir.clone());
     if dir.is_configured() {
         return Err(SetupError::AlreadyConfigured(o.data_dir.clone()));
@@ -163,6 +159,17 @@ pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
     Ok(cfg)
 }
 
+/// Node certificates renew at two thirds of their lifetime; below a few seconds
+/// that cannot keep up with a round trip to the leader.
+fn check_lifetime(secs: u64) -> Result<(), SetupError> {
+    if !(5..=CA_VALIDITY).contains(&secs) {
+        return Err(SetupError::Invalid(
+            "certificate lifetime must be between 5 s and 10 years".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_addr(a: &str) -> Result<(), SetupError> {
     a.parse::<std::net::SocketAddr>()
         .map(|_| ())
@@ -205,6 +212,7 @@ pub async fn join(o: &JoinOptions) -> Result<Joined, SetupError> {
     metta_proto::ids::check_name("node", &o.name)
         .map_err(|e| SetupError::Invalid(e.to_string()))?;
     check_addr(&o.listen)?;
+    check_lifetime(o.cert_lifetime_secs)?;
     let advertise = o.advertise.clone().unwrap_or_else(|| o.listen.clone());
     check_addr(&advertise)?;
     let dir = DataDir(o.data_dir.clone());

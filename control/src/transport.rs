@@ -126,6 +126,10 @@ pub fn server_config(
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed session skips the client-certificate
+    // check, and with it the revocation list and expiry.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport_config());
@@ -170,6 +174,9 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Every connection is a full handshake, so the server re-checks our
+    // certificate (and we re-check theirs) against revocations each time.
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport_config());

@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
             args.log
         )))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let dir = DataDir(args.data_dir.clone());
     if !dir.is_configured() {

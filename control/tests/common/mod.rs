@@ -107,6 +107,18 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::env::var_os("METTA_TEST_KEEP").is_some() {
+            for n in &mut self.nodes {
+                n.kill();
+            }
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("kept test state in {}", kept.display());
+        }
+    }
+}
+
 impl Cluster {
     /// A new cluster with one control node (node/1), started.
     pub fn init(cert_lifetime: &str) -> Cluster {
@@ -180,24 +192,33 @@ impl Cluster {
 
     /// Joins a node (not started) and returns the `mettactl join` output.
     pub fn join_cmd(&self, token: &str, name: &str) -> (PathBuf, String, Output) {
+        self.join_cmd_with(token, name, &[])
+    }
+
+    /// Like [`join_cmd`](Self::join_cmd) with extra `mettactl join` arguments.
+    pub fn join_cmd_with(
+        &self,
+        token: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> (PathBuf, String, Output) {
         let data = self.dir.path().join(name);
         let addr = free_addr(&self.ip);
-        let o = ctl(
-            &self.admin,
-            &[
-                "join",
-                &self.nodes[0].addr,
-                "--token",
-                token,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                &addr,
-                "--name",
-                name,
-                "--no-start",
-            ],
-        );
+        let mut args = vec![
+            "join",
+            &self.nodes[0].addr,
+            "--token",
+            token,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &addr,
+            "--name",
+            name,
+            "--no-start",
+        ];
+        args.extend_from_slice(extra);
+        let o = ctl(&self.admin, &args);
         (data, addr, o)
     }
 
