@@ -539,3 +539,197 @@ impl GrantView for Registry {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metta_proto::{Grant, Rights};
+    use metta_trust::{grants::sign_grant, token::secret_hash, NodeKey};
+    use proptest::prelude::*;
+
+    const T0: UnixTime = 1_800_000_000;
+
+    fn admission(name: &str) -> Admission {
+        Admission {
+            name: name.into(),
+            kind: NodeKind::Hosted,
+            addr: "127.0.0.1:1".into(),
+            resources: NodeResources::default(),
+            spki_der: vec![1, 2, 3],
+        }
+    }
+
+    fn bootstrapped(admin_key: &NodeKey) -> Registry {
+        let mut r = Registry::default();
+        let out = r.apply(&Command::Bootstrap {
+            cluster: "c".into(),
+            ca_cert_pem: "ca".into(),
+            admin: UserRecord {
+                name: "admin".into(),
+                spki_der: admin_key.public_key_der(),
+                cert_not_after: T0 + 1000,
+            },
+            node: admission("n1"),
+            node_cert_not_after: T0 + 100,
+            now: T0,
+        });
+        assert_eq!(out, Applied::Admitted(1));
+        r
+    }
+
+    fn token(id: &str, secret: u8, uses: u32, expires_at: UnixTime) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_hash: secret_hash(&[secret; 16]),
+            role: Role::Worker,
+            expires_at,
+            uses_left: uses,
+            revoked: false,
+            created_by: Subject::User("admin".into()),
+        }
+    }
+
+    fn admit(id: &str, secret: u8, name: &str, now: UnixTime) -> Command {
+        Command::AdmitNode {
+            token_id: id.into(),
+            secret_hash: secret_hash(&[secret; 16]),
+            node: admission(name),
+            now,
+        }
+    }
+
+    #[test]
+    fn single_use_token_admits_exactly_one_of_two_racing_entries() {
+        let key = NodeKey::generate().unwrap();
+        let mut r = bootstrapped(&key);
+        r.apply(&Command::TokenCreate(token("t1", 7, 1, T0 + 60)));
+        // Both joiners passed the leader's pre-check; log order decides.
+        assert_eq!(r.apply(&admit("t1", 7, "a", T0 + 1)), Applied::Admitted(2));
+        let before = r.clone();
+        assert_eq!(
+            r.apply(&admit("t1", 7, "b", T0 + 1)),
+            Applied::Refused(ApiError::Token(TokenRejection::Used))
+        );
+        assert_eq!(r, before, "a refused admission changes nothing");
+    }
+
+    #[test]
+    fn token_checks_use_the_time_in_the_entry() {
+        let key = NodeKey::generate().unwrap();
+        let mut r = bootstrapped(&key);
+        r.apply(&Command::TokenCreate(token("t1", 7, 5, T0 + 60)));
+        assert_eq!(
+            r.apply(&admit("t1", 7, "late", T0 + 60)),
+            Applied::Refused(ApiError::Token(TokenRejection::Expired))
+        );
+        assert_eq!(
+            r.apply(&admit("t1", 8, "wrong-secret", T0)),
+            Applied::Refused(ApiError::Token(TokenRejection::Unknown))
+        );
+        assert_eq!(
+            r.apply(&admit("nope", 7, "unknown", T0)),
+            Applied::Refused(ApiError::Token(TokenRejection::Unknown))
+        );
+        r.apply(&Command::TokenRevoke { id: "t1".into() });
+        assert_eq!(
+            r.apply(&admit("t1", 7, "after-revoke", T0)),
+            Applied::Refused(ApiError::Token(TokenRejection::Revoked))
+        );
+        assert_eq!(r.nodes.len(), 1);
+    }
+
+    #[test]
+    fn revoking_a_subject_removes_nodes_and_blocks_authorization() {
+        let key = NodeKey::generate().unwrap();
+        let mut r = bootstrapped(&key);
+        r.apply(&Command::UserAdd(UserRecord {
+            name: "bob".into(),
+            spki_der: vec![9],
+            cert_not_after: T0 + 1000,
+        }));
+        let g = sign_grant(
+            Grant {
+                issuer: Subject::User("admin".into()),
+                subject: Subject::User("bob".into()),
+                rights: Rights::ALL,
+                resource: "/".into(),
+                expires_at: None,
+                delegable: false,
+                parent: None,
+                issued_at: T0,
+            },
+            &key,
+        );
+        assert!(matches!(
+            r.apply(&Command::GrantAdd { signed: g, now: T0 }),
+            Applied::Granted(_)
+        ));
+        let bob = Subject::User("bob".into());
+        assert!(r.authorize(&bob, Rights::ALL, "/kv/x", T0).is_ok());
+        r.apply(&Command::RevokeSubject(bob.clone()));
+        assert!(r.authorize(&bob, Rights::ALL, "/kv/x", T0).is_err());
+        // the admin cannot be revoked
+        assert!(matches!(
+            r.apply(&Command::RevokeSubject(Subject::User("admin".into()))),
+            Applied::Refused(_)
+        ));
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let ids = prop_oneof![Just("t1".to_string()), Just("t2".to_string())];
+        let names = prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("n1".to_string())
+        ];
+        prop_oneof![
+            (ids.clone(), 0u8..3, 0u32..3, 0u64..100)
+                .prop_map(|(id, s, u, e)| Command::TokenCreate(token(&id, s, u, T0 + e))),
+            ids.clone().prop_map(|id| Command::TokenRevoke { id }),
+            (ids, 0u8..3, names.clone(), 0u64..100).prop_map(|(id, s, n, t)| admit(
+                &id,
+                s,
+                &n,
+                T0 + t
+            )),
+            (1u64..5).prop_map(|id| Command::NodeRemove { id }),
+            (1u64..5, 0u64..100).prop_map(|(id, t)| Command::NodeCert {
+                id,
+                not_after: T0 + t
+            }),
+            names.prop_map(|n| Command::RevokeSubject(Subject::User(n))),
+            (1u64..5).prop_map(|id| Command::RevokeSubject(Subject::Node(id))),
+        ]
+    }
+
+    proptest! {
+        /// Refused commands never change the registry; admitted node ids are
+        /// never reused; a token never admits more nodes than its uses.
+        #[test]
+        fn refusals_change_nothing(cmds in proptest::collection::vec(arb_command(), 0..40)) {
+            let key = NodeKey::generate().unwrap();
+            let mut r = bootstrapped(&key);
+            let mut seen = BTreeSet::new();
+            let mut issued: BTreeMap<String, u32> = BTreeMap::new();
+            let mut admitted: BTreeMap<String, u32> = BTreeMap::new();
+            for cmd in &cmds {
+                let before = r.clone();
+                let out = r.apply(cmd);
+                match (&out, cmd) {
+                    (Applied::Refused(_), _) => prop_assert_eq!(&r, &before),
+                    (Applied::Admitted(id), Command::AdmitNode { token_id, .. }) => {
+                        prop_assert!(seen.insert(*id), "id {} reused", id);
+                        *admitted.entry(token_id.clone()).or_default() += 1;
+                    }
+                    (_, Command::TokenCreate(t)) => {
+                        *issued.entry(t.id.clone()).or_default() += t.uses_left;
+                    }
+                    _ => {}
+                }
+            }
+            for (t, n) in admitted {
+                prop_assert!(n <= issued.get(&t).copied().unwrap_or(0));
+            }
+        }
+    }
+}
