@@ -262,7 +262,7 @@ impl Registry {
                 now,
             } => {
                 let rec = self.tokens.get(token_id);
-                if let Err(r) = check_token_hash(rec, secret_hash, *now) {
+                if let Err(r) = metta_trust::check_token_hash(rec, secret_hash, *now) {
                     return refuse(ApiError::Token(r));
                 }
                 if self.nodes.values().any(|n| n.name == node.name) {
@@ -474,37 +474,6 @@ impl Registry {
     pub fn covers(granted: &str, wanted: &str) -> bool {
         resource_covers(granted, wanted)
     }
-}
-
-/// Token check against a presented secret *hash* (the log never holds secrets).
-fn check_token_hash(
-    rec: Option<&TokenRecord>,
-    secret_hash: &[u8; 32],
-    now: UnixTime,
-) -> Result<(), TokenRejection> {
-    match rec {
-        Some(r) if constant_time_eq(&r.secret_hash, secret_hash) => {
-            // reuse the trust crate's ordering of the remaining checks
-            check_token_after_secret(r, now)
-        }
-        _ => Err(TokenRejection::Unknown),
-    }
-}
-
-fn check_token_after_secret(r: &TokenRecord, now: UnixTime) -> Result<(), TokenRejection> {
-    if r.revoked {
-        Err(TokenRejection::Revoked)
-    } else if now >= r.expires_at {
-        Err(TokenRejection::Expired)
-    } else if r.uses_left == 0 {
-        Err(TokenRejection::Used)
-    } else {
-        Ok(())
-    }
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl GrantView for Registry {

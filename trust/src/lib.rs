@@ -54,7 +54,7 @@ pub use ca::{ca_cluster_name, csr_public_key, CaError, CaPin, ClusterCa, IssuedC
 pub use cert::{check_cert, parse_cert, CertError, CertInfo, Purpose, RevocationList};
 pub use grants::{authorize, grant_id, sign_grant, verify_grant, Denied, GrantError, GrantView};
 pub use keys::{make_csr, verify_signature, KeyError, NodeKey};
-pub use token::{check_token, JoinToken, TokenParseError, TokenRecord};
+pub use token::{check_token, check_token_hash, JoinToken, TokenParseError, TokenRecord};
 pub use verifier::{
     cert_error, describe_tls_error, ClusterClientVerifier, ClusterServerVerifier,
     PinnedServerVerifier, SharedRevocations, VerifierError,

@@ -184,9 +184,19 @@ pub fn check_token(
     secret: &[u8; 16],
     now: UnixTime,
 ) -> Result<(), TokenRejection> {
+    check_token_hash(rec, &secret_hash(secret), now)
+}
+
+/// [`check_token`] given the secret's hash rather than the secret: what the
+/// registry runs at apply time, so the replicated log never carries secrets.
+pub fn check_token_hash(
+    rec: Option<&TokenRecord>,
+    presented_hash: &[u8; 32],
+    now: UnixTime,
+) -> Result<(), TokenRejection> {
     let rec = rec.ok_or(TokenRejection::Unknown)?;
     // blake3::Hash equality is constant-time.
-    if blake3::Hash::from_bytes(secret_hash(secret)) != blake3::Hash::from_bytes(rec.secret_hash) {
+    if blake3::Hash::from_bytes(*presented_hash) != blake3::Hash::from_bytes(rec.secret_hash) {
         return Err(TokenRejection::Unknown);
     }
     if rec.revoked {
