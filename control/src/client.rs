@@ -1,7 +1,9 @@
 //! The API client used by `mettactl`: mTLS with the credentials of a client
 //! config, trying the listed endpoints in order until one answers.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use metta_proto::{ApiError, ApiRequest, Reply, Request, Subject};
 use metta_trust::{NodeKey, RevocationList};
@@ -9,11 +11,15 @@ use metta_trust::{NodeKey, RevocationList};
 use crate::config::ClientConfig;
 use crate::transport::{self, CallError, Credentials, ServerTrust, Transport, TransportError};
 
+/// How long [`Client::call`] keeps retrying while no node can serve a call.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(6);
+
 /// An API client.
 #[derive(Debug)]
 pub struct Client {
     transport: Arc<Transport>,
     endpoints: Vec<String>,
+    preferred: AtomicUsize,
     key: NodeKey,
     subject: Subject,
     cluster: String,
@@ -40,6 +46,7 @@ impl Client {
         Ok(Client {
             transport: Transport::client(client)?,
             endpoints: cfg.endpoints.clone(),
+            preferred: AtomicUsize::new(0),
             key,
             subject,
             cluster: cfg.cluster.clone(),
@@ -61,25 +68,41 @@ impl Client {
         &self.key
     }
 
-    /// Makes a call, trying each endpoint until one is reachable. An answer
-    /// (success or [`ApiError`]) from any node ends the search — except
-    /// "unavailable", which moves on to the next endpoint.
+    /// Makes a call, trying each endpoint until one answers. An answer
+    /// (success or [`ApiError`]) ends the search — except "unavailable" (no
+    /// leader yet), which moves on. Rounds over the endpoints repeat for up to
+    /// [`RETRY_WINDOW`], so a call made during an election waits for it. The
+    /// endpoint that answered last is tried first next time.
     pub async fn call(&self, call: ApiRequest) -> Result<Reply, CallError> {
         let req = Request::Api(call);
-        let mut last = None;
-        for ep in &self.endpoints {
-            match self.transport.call_api(ep, &req).await {
-                Ok(r) => return Ok(r),
-                Err(CallError::Api(ApiError::Unavailable(m))) => {
-                    last = Some(CallError::Api(ApiError::Unavailable(m)))
+        let deadline = Instant::now() + RETRY_WINDOW;
+        let n = self.endpoints.len();
+        loop {
+            let mut last = None;
+            let first = self.preferred.load(Ordering::Relaxed);
+            for k in 0..n {
+                let i = (first + k) % n;
+                match self.transport.call_api(&self.endpoints[i], &req).await {
+                    Ok(r) => {
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok(r);
+                    }
+                    Err(CallError::Api(ApiError::Unavailable(m))) => {
+                        last = Some(CallError::Api(ApiError::Unavailable(m)))
+                    }
+                    Err(CallError::Api(e)) => return Err(CallError::Api(e)),
+                    Err(e) => last = Some(e),
                 }
-                Err(CallError::Api(e)) => return Err(CallError::Api(e)),
-                Err(e) => last = Some(e),
             }
+            let err = last.unwrap_or(CallError::Api(ApiError::Unavailable(
+                "no endpoints configured".into(),
+            )));
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return Err(err);
+            }
+            // Bounded back-off before the next round; the deadline ends it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(last.unwrap_or(CallError::Api(ApiError::Unavailable(
-            "no endpoints configured".into(),
-        ))))
     }
 
     /// Closes the connection.

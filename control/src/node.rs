@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use metta_proto::{
     ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId, NodeStatus,
-    RaftRole, RaftRpc, Reply, Request, Response, Role, Subject, TokenRejection, MAX_FRAME_LEN,
+    RaftRole, RaftRpc, Reply, Request, Response, Role, Subject, MAX_FRAME_LEN,
 };
 use metta_trust::{ClusterCa, JoinToken, NodeKey, RevocationList, TokenRecord, UnixTime};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -38,6 +38,10 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(3);
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(1000);
 /// How often revocations and certificate expiry are enforced on live connections.
 pub const ENFORCE_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a follower keeps trying to relay a call to a leader (across
+/// elections) before answering "unavailable".
+pub const FORWARD_WINDOW: Duration = Duration::from_secs(5);
 
 /// Lifetime of user certificates issued by `user add` (one year).
 pub const USER_CERT_LIFETIME: u64 = 365 * 24 * 3600;
@@ -415,19 +419,38 @@ impl Node {
 
     /// Relays `req` to the leader (used by followers).
     async fn to_leader(&self, req: Request) -> Response {
-        let Some((id, addr)) = self.leader() else {
-            return Err(ApiError::Unavailable("no leader elected yet; retry".into()));
-        };
-        if id == self.cfg.node_id {
-            return Err(ApiError::Unavailable(
-                "leadership is changing; retry".into(),
-            ));
-        }
-        match self.transport.call(&addr, &req).await {
-            Ok(r) => r,
-            Err(e) => Err(ApiError::Unavailable(format!(
-                "leader node/{id} at {addr} unreachable: {e}"
-            ))),
+        let deadline = tokio::time::Instant::now() + FORWARD_WINDOW;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let leader = self.leader();
+            let current = leader.as_ref().map(|l| l.0);
+            let outcome = match &leader {
+                Some((id, _)) if *id == self.cfg.node_id => {
+                    return Err(ApiError::Unavailable(
+                        "this node just became leader; retry".into(),
+                    ))
+                }
+                Some((id, addr)) => tokio::select! {
+                    r = self.transport.call(addr, &req) => Some(r.unwrap_or_else(|e| Err(
+                        ApiError::Unavailable(format!("leader node/{id} at {addr} unreachable: {e}"))
+                    ))),
+                    _ = leader_changed(&mut metrics, current) => None,
+                    _ = tokio::time::sleep_until(deadline) => Some(Err(ApiError::Unavailable(
+                        format!("leader node/{id} did not answer within {FORWARD_WINDOW:?}")
+                    ))),
+                },
+                None => tokio::select! {
+                    _ = leader_changed(&mut metrics, None) => None,
+                    _ = tokio::time::sleep_until(deadline) => Some(Err(ApiError::Unavailable(
+                        "no leader elected; retry".into()
+                    ))),
+                },
+            };
+            match outcome {
+                // A new leader while we waited: ask it instead.
+                None => continue,
+                Some(r) => return r,
+            }
         }
     }
 
@@ -1101,6 +1124,21 @@ impl Node {
     }
 }
 
+/// Resolves when Raft's known leader differs from `from`.
+async fn leader_changed(
+    rx: &mut watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+    from: Option<NodeId>,
+) {
+    loop {
+        if rx.borrow_and_update().current_leader != from {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// This machine's CPUs, memory and architecture.
 pub fn local_resources() -> metta_proto::NodeResources {
     use std::sync::OnceLock;
@@ -1122,18 +1160,4 @@ pub fn local_resources() -> metta_proto::NodeResources {
             }
         })
         .clone()
-}
-
-/// Whether a token rejection is final (no point retrying).
-pub fn is_final(e: &ApiError) -> bool {
-    matches!(
-        e,
-        ApiError::Token(
-            TokenRejection::Unknown
-                | TokenRejection::Used
-                | TokenRejection::Expired
-                | TokenRejection::Revoked
-                | TokenRejection::Malformed
-        )
-    ) || !matches!(e, ApiError::Unavailable(_))
 }

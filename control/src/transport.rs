@@ -22,6 +22,11 @@ use serde::{de::DeserializeOwned, Serialize};
 /// their subject in a URI SAN and the verifiers check that, not DNS names.
 pub const SERVER_NAME: &str = "metta";
 
+/// How long a QUIC handshake may take before the peer counts as unreachable
+/// (a dead peer sends nothing back over UDP, so this bounds fail-over to the
+/// next endpoint).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Transport failures (as opposed to the peer answering with an [`ApiError`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -101,11 +106,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    // A silent peer (killed, partitioned) is declared gone after 2 s; until
+    // then calls on its connection wait.
+    t.keep_alive_interval(Some(Duration::from_millis(400)));
     t.max_idle_timeout(Some(
-        Duration::from_secs(4)
+        Duration::from_secs(2)
             .try_into()
-            .expect("4 s is a valid idle timeout"),
+            .expect("2 s is a valid idle timeout"),
     ));
     Arc::new(t)
 }
@@ -332,7 +339,7 @@ impl Transport {
                 addr: addr.into(),
                 msg: e.to_string(),
             })?;
-        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| TransportError::Connect {
                 addr: addr.into(),
