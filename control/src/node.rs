@@ -767,6 +767,21 @@ impl Node {
                 "renewal must use the node's registered key".into(),
             ));
         }
+        let issued = self.issue_node_cert(ca, id, csr_pem, now).await?;
+        Ok(Reply::Cert {
+            cert_pem: issued.pem,
+            not_after: issued.not_after,
+        })
+    }
+
+    /// Signs a node certificate and records its expiry in the registry.
+    async fn issue_node_cert(
+        &self,
+        ca: &ClusterCa,
+        id: NodeId,
+        csr_pem: &str,
+        now: UnixTime,
+    ) -> Result<metta_trust::IssuedCert, ApiError> {
         let issued = ca
             .issue(
                 csr_pem,
@@ -781,10 +796,7 @@ impl Node {
             not_after: issued.not_after,
         })
         .await?;
-        Ok(Reply::Cert {
-            cert_pem: issued.pem,
-            not_after: issued.not_after,
-        })
+        Ok(issued)
     }
 
     // ---------------------------------------------------------------- join
@@ -832,20 +844,7 @@ impl Node {
         let Applied::Admitted(id) = applied else {
             return Err(internal(format!("unexpected apply result {applied:?}")));
         };
-        let issued = ca
-            .issue(
-                &j.csr_pem,
-                &Subject::Node(id),
-                now,
-                self.cfg.cert_lifetime_secs,
-                rand::random(),
-            )
-            .map_err(|e| ApiError::InvalidArgument(format!("CSR: {e}")))?;
-        self.write(Command::NodeCert {
-            id,
-            not_after: issued.not_after,
-        })
-        .await?;
+        let issued = self.issue_node_cert(ca, id, &j.csr_pem, now).await?;
         let role = self
             .registry()
             .nodes
