@@ -14,21 +14,26 @@
 //! - [`frame`]: the length-prefixed framing and the incremental decoder (fuzzed);
 //! - [`ids`]: node ids, subjects (who a certificate names), roles;
 //! - [`grant`]: capabilities: rights, resources, signed grants;
-//! - [`msg`]: requests and responses.
+//! - [`msg`]: requests and responses;
+//! - [`qos`]: QoS contracts (period, slice, extra, memory);
+//! - [`abi`]: the domain ABI (what a wasm domain imports and exports).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
+pub mod abi;
 pub mod frame;
 pub mod grant;
 pub mod ids;
 pub mod msg;
+pub mod qos;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use grant::{Grant, GrantId, Right, Rights, SignedGrant};
 pub use ids::{NodeId, NodeKind, Role, Subject, SubjectParseError};
 pub use msg::*;
+pub use qos::{Contract, ContractError};
 
 /// The ALPN protocol id every Metta connection negotiates.
 pub const ALPN: &[u8] = b"metta/1";
