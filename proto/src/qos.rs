@@ -111,11 +111,11 @@ pub struct Ns(pub u64);
 impl fmt::Display for Ns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n >= 1_000_000_000 && n % 1_000_000_000 == 0 {
+        if n >= 1_000_000_000 && n.is_multiple_of(1_000_000_000) {
             write!(f, "{}s", n / 1_000_000_000)
-        } else if n >= 1_000_000 && n % 1_000_000 == 0 {
+        } else if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
             write!(f, "{}ms", n / 1_000_000)
-        } else if n >= 1_000 && n % 1_000 == 0 {
+        } else if n >= 1_000 && n.is_multiple_of(1_000) {
             write!(f, "{}us", n / 1_000)
         } else {
             write!(f, "{n}ns")
