@@ -91,6 +91,9 @@ impl Client {
                         last = Some(CallError::Api(ApiError::Unavailable(m)))
                     }
                     Err(CallError::Api(e)) => return Err(CallError::Api(e)),
+                    // Every node shares the CA and the revocation list: a
+                    // refusal by one is a refusal by all.
+                    Err(e @ CallError::Transport(TransportError::Refused { .. })) => return Err(e),
                     Err(e) => last = Some(e),
                 }
             }

@@ -76,9 +76,11 @@ impl Network {
             .await
         {
             Ok(r) => r,
-            Err(e @ (TransportError::Connect { .. } | TransportError::Resolve { .. })) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(
+                e @ (TransportError::Connect { .. }
+                | TransportError::Refused { .. }
+                | TransportError::Resolve { .. }),
+            ) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
         match reply {

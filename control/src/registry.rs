@@ -160,6 +160,9 @@ pub enum Command {
         /// Value.
         value: Vec<u8>,
     },
+    /// Several commands in one log entry (group commit), applied in order,
+    /// each on its own: one refused command does not affect the others.
+    Batch(Vec<Command>),
 }
 
 /// What applying a command produced (the Raft response type).
@@ -174,6 +177,8 @@ pub enum Applied {
     Granted(GrantId),
     /// The command was refused; nothing changed.
     Refused(ApiError),
+    /// One result per command of a [`Command::Batch`].
+    Batch(Vec<Applied>),
 }
 
 /// The replicated registry.
@@ -376,6 +381,16 @@ impl Registry {
                 self.kv.insert(key.clone(), value.clone());
                 Applied::Done
             }
+            Command::Batch(cmds) => Applied::Batch(
+                cmds.iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => {
+                            refuse(ApiError::InvalidArgument("nested batch".into()))
+                        }
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -642,6 +657,33 @@ mod tests {
             r.apply(&Command::RevokeSubject(Subject::User("admin".into()))),
             Applied::Refused(_)
         ));
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_on_its_own_and_in_order() {
+        let key = NodeKey::generate().unwrap();
+        let mut r = bootstrapped(&key);
+        r.apply(&Command::TokenCreate(token("t1", 7, 1, T0 + 60)));
+        let out = r.apply(&Command::Batch(vec![
+            admit("t1", 7, "a", T0),
+            admit("t1", 7, "b", T0),
+            Command::KvPut {
+                key: "k".into(),
+                value: b"v".to_vec(),
+            },
+            Command::Batch(vec![]),
+        ]));
+        assert_eq!(
+            out,
+            Applied::Batch(vec![
+                Applied::Admitted(2),
+                Applied::Refused(ApiError::Token(TokenRejection::Used)),
+                Applied::Done,
+                Applied::Refused(ApiError::InvalidArgument("nested batch".into())),
+            ])
+        );
+        assert_eq!(r.kv.get("k").map(Vec::as_slice), Some(&b"v"[..]));
+        assert_eq!(r.nodes.len(), 2);
     }
 
     fn arb_command() -> impl Strategy<Value = Command> {

@@ -47,6 +47,15 @@ pub enum TransportError {
         /// Why.
         msg: String,
     },
+    /// The peer was reached but refused the handshake (or we refused its
+    /// certificate): retrying will not help.
+    #[error("{addr} refused the connection: {msg}")]
+    Refused {
+        /// The address.
+        addr: String,
+        /// Why.
+        msg: String,
+    },
     /// The connection or stream failed mid-exchange.
     #[error("connection to {addr} failed: {msg}")]
     Stream {
@@ -188,6 +197,25 @@ pub fn client_config(
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport_config());
     Ok(cfg)
+}
+
+/// Application close code: the peer's identity was revoked.
+pub const CLOSE_REVOKED: u32 = 1;
+/// Application close code: the peer's certificate expired.
+pub const CLOSE_EXPIRED: u32 = 2;
+
+/// Whether a connection ended because a side refused the other's identity
+/// (a TLS alert, or a revocation/expiry close) rather than a network failure.
+pub fn is_refusal(e: &quinn::ConnectionError) -> bool {
+    let crypto = |code: u64| (0x100..0x200).contains(&code);
+    match e {
+        quinn::ConnectionError::TransportError(t) => crypto(u64::from(t.code)),
+        quinn::ConnectionError::ConnectionClosed(c) => crypto(u64::from(c.error_code)),
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            a.error_code == CLOSE_REVOKED.into() || a.error_code == CLOSE_EXPIRED.into()
+        }
+        _ => false,
+    }
 }
 
 /// Writes one frame and finishes the send side.
@@ -345,9 +373,15 @@ impl Transport {
                 addr: addr.into(),
                 msg: "handshake timed out".into(),
             })?
-            .map_err(|e| TransportError::Connect {
-                addr: addr.into(),
-                msg: e.to_string(),
+            .map_err(|e| match e {
+                e if is_refusal(&e) => TransportError::Refused {
+                    addr: addr.into(),
+                    msg: e.to_string(),
+                },
+                e => TransportError::Connect {
+                    addr: addr.into(),
+                    msg: e.to_string(),
+                },
             })?;
         self.conns
             .lock()
@@ -359,9 +393,18 @@ impl Transport {
     /// Sends `req` to `addr` and waits for the response.
     pub async fn call(&self, addr: &str, req: &Request) -> Result<Response, TransportError> {
         let conn = self.connection(addr).await?;
-        let stream_err = |msg: String| TransportError::Stream {
-            addr: addr.into(),
-            msg,
+        // In TLS 1.3 the server checks the client's certificate after the
+        // client's handshake is done: a refusal shows up as the connection
+        // closing under the first stream.
+        let stream_err = |msg: String| match conn.close_reason() {
+            Some(reason) if is_refusal(&reason) => TransportError::Refused {
+                addr: addr.into(),
+                msg: reason.to_string(),
+            },
+            _ => TransportError::Stream {
+                addr: addr.into(),
+                msg,
+            },
         };
         let (mut send, mut recv) = conn
             .open_bi()

@@ -1,0 +1,185 @@
+//! Child processes that die with the benchmark, loopback ports, and bounded
+//! polling.
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Every process the benchmark started. Dropping it (normal exit, error,
+/// panic, or the future that owns it being dropped on Ctrl-C) stops them all:
+/// SIGTERM, a bounded wait, then SIGKILL. Each child also gets
+/// `PR_SET_PDEATHSIG = SIGKILL`, so even a `kill -9` of the benchmark takes
+/// its daemons with it.
+#[derive(Debug, Default)]
+pub struct Procs {
+    children: Vec<(String, Child)>,
+}
+
+/// CPU time (user + system) used so far by process `pid`, in seconds.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+/// CPU time of every CPU on the machine that was busy (not idle or
+/// waiting for I/O), in seconds.
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some(busy as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+impl Procs {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<u32> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (prctl, getppid) without allocating.
+        // PDEATHSIG fires when the spawning *thread* exits: spawn only from
+        // the main thread or runtime workers, never from a blocking-pool
+        // thread (those exit when idle).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        let pid = child.id();
+        self.children.push((name.to_string(), child));
+        Ok(pid)
+    }
+
+    /// Process ids of the children whose name starts with `prefix`.
+    pub fn pids(&self, prefix: &str) -> Vec<u32> {
+        self.children
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, c)| c.id())
+            .collect()
+    }
+
+    /// Fails if any child has exited (naming it and its status).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, c) in &mut self.children {
+            if let Some(status) = c.try_wait()? {
+                bail!("{name} exited unexpectedly ({status}); see its log");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every child (SIGTERM, up to `grace`, then SIGKILL).
+    pub fn stop_all(&mut self, grace: Duration) {
+        for (_, c) in &mut self.children {
+            if let Ok(None) = c.try_wait() {
+                if let Ok(pid) = i32::try_from(c.id()) {
+                    // SAFETY: plain kill(2) on a pid we spawned and have not yet
+                    // reaped, so it cannot have been reused.
+                    unsafe {
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for (_, c) in &mut self.children {
+            while Instant::now() < deadline {
+                match c.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    _ => break,
+                }
+            }
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.stop_all(Duration::from_secs(3));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A free UDP address on 127.0.0.1.
+pub fn free_udp_addr() -> anyhow::Result<String> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}
+
+/// Polls `f` every `every` until it yields `Some`, failing after `timeout`
+/// with `what` and the last error seen.
+pub async fn wait_for<T, F, Fut>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut f: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    loop {
+        match tokio::time::timeout_at(deadline.into(), f()).await {
+            Ok(Ok(Some(v))) => return Ok(v),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => last = format!("{e:#}"),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last: {last})");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
