@@ -17,10 +17,15 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use std::fmt;
+
 use crate::UnixTime;
 
 /// Why a certificate is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// `Debug` prints the same text as `Display`: rustls reports a verifier's
+/// error with `{:?}`, and that is what ends up in a user's terminal.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CertError {
     /// The bytes are not a certificate we can read.
@@ -78,6 +83,12 @@ pub enum CertError {
     /// The PEM text holds no certificate.
     #[error("no certificate found in the PEM text")]
     NoPemCertificate,
+}
+
+impl fmt::Debug for CertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// What a certificate says about its holder.
