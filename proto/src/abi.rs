@@ -37,16 +37,25 @@ pub const RUN_MORE: i32 = 1;
 
 /// `log(ptr: i32, len: i32)`: a UTF-8 log line (capability `log`).
 pub const LOG: &str = "log";
-/// `now() -> i64`: nanoseconds on the node's monotonic clock (capability `clock`).
+/// `now() -> i64`: nanoseconds on the node's monotonic clock (capability
+/// `clock`): the time the current activation was scheduled; it does not
+/// advance within one activation (the nucleus itself reads no clock).
 pub const NOW: &str = "now";
 /// `timer(deadline_ns: i64)`: wake at `deadline_ns` (same clock as `now`);
-/// replaces an earlier timer; a negative deadline cancels.
+/// replaces an earlier timer; a negative deadline cancels. Needs no
+/// capability.
 pub const TIMER: &str = "timer";
 /// `open(name_ptr: i32, name_len: i32) -> i32`: a channel handle for a name in
 /// the domain's namespace, e.g. `/svc/counter` (capability `channel:<name>`
-/// or a prefix of it). Handles are small non-negative integers.
+/// or a prefix of it, on `/` boundaries). Handles are small non-negative
+/// integers; opening the same name again returns the same handle. Errors:
+/// [`ERR_DENIED`], [`ERR_FAULT`], [`ERR_NOENT`] (not UTF-8, not starting with
+/// `/`, or longer than 256 bytes), [`ERR_FULL`] (the domain's channel table is
+/// full).
 pub const OPEN: &str = "open";
-/// `send(chan: i32, ptr: i32, len: i32) -> i32`: queue a message; 0 or error.
+/// `send(chan: i32, ptr: i32, len: i32) -> i32`: queue a message; 0 or error
+/// ([`ERR_FULL`] when the sender's own outgoing queue is full: retry in a
+/// later activation).
 pub const SEND: &str = "send";
 /// `recv(chan: i32, ptr: i32, cap: i32) -> i32`: take the next message into
 /// the buffer; its length, [`ERR_EMPTY`], or [`ERR_TOO_BIG`] (the message stays
@@ -56,6 +65,8 @@ pub const RECV: &str = "recv";
 pub const PEEK: &str = "peek";
 /// `reply_to(chan: i32) -> i32`: a handle on which to answer the sender of the
 /// last message received on `chan` (request/response over one channel name).
+/// A reply handle is send-only and answers once: it closes after one
+/// successful `send`. [`ERR_NOENT`] if that message cannot be answered.
 pub const REPLY: &str = "reply_to";
 
 /// The caller lacks the capability for this call.
