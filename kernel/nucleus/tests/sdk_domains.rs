@@ -1,7 +1,8 @@
 //! The SDK's example domains (real Rust-compiled wasm, with a private
 //! `__stack_pointer`) load, run, and survive snapshot/restore. They are
-//! build outputs (`domains/build.sh` writes `domains/out/*.wasm`); the test
-//! skips when they have not been built.
+//! build outputs (`domains/build.sh` writes `domains/out/*.wasm`; the
+//! project's test command runs it first). Outside CI the test skips when they
+//! have not been built; under CI (`CI` set) a missing file fails it.
 
 mod common;
 
@@ -15,6 +16,9 @@ fn built(name: &str) -> Option<Vec<u8>> {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../domains/out/{name}.wasm"));
     match std::fs::read(&p) {
         Ok(b) => Some(b),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("{}: {e} (scripts/test builds it first)", p.display())
+        }
         Err(_) => {
             eprintln!("skipping: {} not built (run domains/build.sh)", p.display());
             None
