@@ -11,11 +11,13 @@ BIN=$PWD/target/release
 
 down() {
   if [ -d "$STATE" ]; then
-    for pidf in "$STATE"/*/mettad.pid; do
-      [ -f "$pidf" ] || continue
-      kill "$(cat "$pidf")" 2>/dev/null || true
-    done
     pkill -f "mettad --data-dir $STATE/" 2>/dev/null || true
+    # mettad shuts down on SIGTERM; give it 10 s, then kill what is left.
+    for _ in $(seq 1 100); do
+      pgrep -f "mettad --data-dir $STATE/" >/dev/null || break
+      sleep 0.1
+    done
+    pkill -9 -f "mettad --data-dir $STATE/" 2>/dev/null || true
     rm -rf "$STATE"
     echo "local cluster removed"
   fi
