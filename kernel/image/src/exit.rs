@@ -1,0 +1,53 @@
+//! Exit codes reported through QEMU's `isa-debug-exit` device.
+//!
+//! The kernel writes a value `v` to I/O port [`DEBUG_EXIT_PORT`] (the device must be
+//! configured as `-device isa-debug-exit,iobase=0xf4,iosize=0x04`); QEMU then exits
+//! with status `(v << 1) | 1`. Status 0 therefore cannot be produced this way, and a
+//! QEMU that exits 0 after `-no-reboot` means a triple fault (reset), not success.
+//!
+//! | outcome                                  | value written | QEMU exit status |
+//! |------------------------------------------|---------------|------------------|
+//! | [`ExitCode::Success`]: booted and done   | `0x10`        | 33               |
+//! | [`ExitCode::Panic`]: Rust panic          | `0x11`        | 35               |
+//! | [`ExitCode::BootFailure`]: entry stub refused to boot (no multiboot magic, no long mode) | `0x12` | 37 |
+//!
+//! On real hardware (no such device) the write does nothing and the kernel halts.
+
+/// The I/O port of QEMU's `isa-debug-exit` device as the test harness configures it.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// What the kernel reports when it asks QEMU to exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ExitCode {
+    /// The kernel booted and finished its work.
+    Success = 0x10,
+    /// A Rust panic; the panic handler printed `PANIC: <message> at <file:line>`.
+    Panic = 0x11,
+    /// The 32-bit entry stub refused to continue (written from assembly).
+    BootFailure = 0x12,
+}
+
+impl ExitCode {
+    /// The value written to the device.
+    pub const fn value(self) -> u32 {
+        self as u32
+    }
+
+    /// The exit status QEMU reports for this code: `(value << 1) | 1`.
+    pub const fn qemu_status(self) -> i32 {
+        ((self as u32) << 1 | 1) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_statuses_are_distinct_and_odd() {
+        assert_eq!(ExitCode::Success.qemu_status(), 33);
+        assert_eq!(ExitCode::Panic.qemu_status(), 35);
+        assert_eq!(ExitCode::BootFailure.qemu_status(), 37);
+    }
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Boot tests of the metta-kernel image, for CI and by hand.
+#
+#   kernel/image/test.sh            build, host unit tests, boot tests
+#   kernel/image/test.sh --measure  also: wall-clock time of 5 boots (median)
+#
+# Builds the kernel (release), runs the lib's host unit tests, then boots the
+# image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
+#   boot        prints the banner, the command line and a memory map with
+#               >= 100 MiB usable, timestamps every line; QEMU exits 33 (success)
+#   panic-test  prints "PANIC: <message> at <file:line>"; QEMU exits 35 (panic)
+#   no-lm       on a CPU without long mode (-cpu qemu32) the 32-bit entry stub
+#               says so and QEMU exits 37 (boot failure)
+#   ipxe        chained from iPXE (QEMU's PXE ROM, Debian ipxe-qemu) over QEMU's
+#               user-mode DHCP/TFTP: boots and exits 33 (~6 s, mostly iPXE)
+# Ends with "N passed, M failed" and exits non-zero if anything failed.
+# Needs: cargo (rust-toolchain.toml), qemu-system-x86_64 (Debian: qemu-system-x86).
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+# Cargo takes .cargo/config.toml (target x86_64-unknown-none, linker script) from
+# the working directory, not from --manifest-path: build from here.
+cd "$here"
+
+measure=0
+[ "${1:-}" = "--measure" ] && measure=1
+
+passed=0
+failed=0
+pass() { echo "ok   - $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL - $1"; failed=$((failed + 1)); }
+finish() {
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+    exit
+}
+
+# Exit statuses: isa-debug-exit makes QEMU exit with (value << 1) | 1
+# (src/exit.rs): success 0x10 -> 33, panic 0x11 -> 35, boot failure 0x12 -> 37.
+EXIT_SUCCESS=33
+EXIT_PANIC=35
+EXIT_BOOT_FAILURE=37
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "== build"
+if cargo build --release --manifest-path "$here/Cargo.toml"; then
+    pass "build (x86_64-unknown-none, release)"
+else
+    fail "build (x86_64-unknown-none, release)"
+    finish
+fi
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$here/Cargo.toml" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+elf="$target_dir/x86_64-unknown-none/release/metta-kernel"
+echo "image: $elf ($(stat -c %s "$elf") bytes)"
+
+echo "== host unit tests"
+if cargo test --quiet --target x86_64-unknown-linux-gnu --manifest-path "$here/Cargo.toml" --lib; then
+    pass "host unit tests (lib)"
+else
+    fail "host unit tests (lib)"
+fi
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    fail "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+    finish
+fi
+
+# qemu ARGS...: run QEMU (TCG, isa-debug-exit, serial on stdout) with ARGS; sets
+# $out (serial output, CRs removed), $rc (QEMU's exit status, 124 on timeout),
+# $secs (wall clock). (-nographic is not used: with it, QEMU 7.2 rejects
+# -serial stdio.)
+qemu() {
+    local start end
+    start=$(date +%s%N)
+    timeout "${QEMU_TIMEOUT:-30}" qemu-system-x86_64 -accel tcg -M pc -m 128M -no-reboot \
+        -display none -serial stdio \
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+        "$@" </dev/null >"$tmp/out" 2>&1
+    rc=$?
+    end=$(date +%s%N)
+    secs=$(awk -v ns=$((end - start)) 'BEGIN { printf "%.3f", ns / 1e9 }')
+    out=$(tr -d '\r' <"$tmp/out")
+}
+
+# boot CMDLINE [QEMU ARGS...]: boot the image with QEMU's multiboot loader.
+boot() {
+    local cmdline=$1
+    shift
+    qemu -kernel "$elf" -append "$cmdline" "$@"
+}
+
+show() { printf '%s\n' "$out" | sed 's/^/    | /'; }
+
+# check NAME CONDITION...: pass if the shell condition holds, else fail.
+check() {
+    local name=$1
+    shift
+    if "$@"; then pass "$name"; else fail "$name"; fi
+}
+has() { printf '%s\n' "$out" | grep -qE -- "$1"; }
+
+echo "== boot"
+boot "console=ttyS0 metta.test=boot"
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "boot: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "boot: banner 'metta-kernel $version booted'" \
+    has "^\[ *[0-9]+\.[0-9]{6}\] metta-kernel ${version//./\\.} booted$"
+check "boot: every line is timestamped" \
+    bash -c '! printf "%s\n" "$1" | grep -qvE "^\[ *[0-9]+\.[0-9]{6}\] "' _ "$out"
+check "boot: command line echoed" has 'cmdline: ".*console=ttyS0 metta\.test=boot"$'
+check "boot: memory map printed" has 'memory map \([0-9]+ entries\):'
+usable=$(printf '%s\n' "$out" | sed -nE 's/.*usable memory: ([0-9]+) bytes.*/\1/p')
+check "boot: >= 100 MiB usable (${usable:-none} bytes)" \
+    [ "${usable:-0}" -ge $((100 * 1024 * 1024)) ]
+check "boot: no panic" bash -c '! printf "%s\n" "$1" | grep -q PANIC' _ "$out"
+
+echo "== panic-test"
+boot "panic-test"
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "panic-test: exits with the panic code ($EXIT_PANIC)" [ "$rc" -eq "$EXIT_PANIC" ]
+check "panic-test: 'PANIC: <message> at <file:line>'" \
+    has '^\[ *[0-9]+\.[0-9]{6}\] PANIC: .+ at src/[a-z_/]+\.rs:[0-9]+$'
+
+echo "== no-lm (32-bit CPU)"
+boot "" -cpu qemu32
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "no-lm: exits with the boot-failure code ($EXIT_BOOT_FAILURE)" [ "$rc" -eq "$EXIT_BOOT_FAILURE" ]
+check "no-lm: says why" has '^metta-kernel: this CPU has no long mode'
+
+echo "== ipxe (chained: QEMU's iPXE ROM, DHCP and TFTP from QEMU user networking)"
+mkdir -p "$tmp/tftp"
+cp "$elf" "$tmp/tftp/metta-kernel"
+printf '#!ipxe\nkernel metta-kernel via-ipxe\nboot\n' >"$tmp/tftp/boot.ipxe"
+QEMU_TIMEOUT=60 qemu -boot n -device virtio-net-pci,netdev=n0 \
+    -netdev "user,id=n0,tftp=$tmp/tftp,bootfile=boot.ipxe"
+printf '%s\n' "$out" | grep -E '^\[' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "ipxe: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "ipxe: loaded by iPXE" has '^\[ *[0-9]+\.[0-9]{6}\] loader: iPXE'
+check "ipxe: banner and command line" \
+    bash -c 'grep -q " booted$" <<<"$1" && grep -q "cmdline: \".*via-ipxe\"$" <<<"$1"' _ "$out"
+
+if [ "$measure" = 1 ]; then
+    echo "== measure: wall clock of 5 boots (qemu start to exit)"
+    times=()
+    for _ in 1 2 3 4 5; do
+        boot ""
+        times+=("$secs")
+        echo "    ${secs}s (exit $rc): $(printf '%s\n' "$out" | grep -m1 booted)"
+    done
+    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+    echo "median: ${median}s; image: $(stat -c %s "$elf") bytes"
+fi
+
+finish
