@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use metta_proto::{
-    grant::resource_covers, ApiError, GrantId, GrantInfo, NodeId, NodeKind, NodeResources, Role,
-    SignedGrant, Subject, TokenInfo, TokenRejection, UserInfo,
+    ApiError, GrantId, GrantInfo, NodeId, NodeKind, NodeResources, Role, SignedGrant, Subject,
+    TokenInfo, TokenRejection, UserInfo,
 };
 use metta_trust::{
     grants::{grant_id, verify_grant, GrantView},
@@ -483,11 +483,6 @@ impl Registry {
     /// The resource a key lives at.
     pub fn kv_resource(key: &str) -> String {
         format!("/kv/{}", key.trim_start_matches('/'))
-    }
-
-    /// Whether `granted` covers resource `wanted` (re-exported for callers).
-    pub fn covers(granted: &str, wanted: &str) -> bool {
-        resource_covers(granted, wanted)
     }
 }
 
