@@ -2,7 +2,8 @@
 # Boot tests of the metta-kernel image, for CI and by hand.
 #
 #   kernel/image/test.sh            build, host unit tests, boot tests
-#   kernel/image/test.sh --measure  also: wall-clock time of 5 boots (median)
+#   kernel/image/test.sh --measure  also: wall-clock time of 5 boots and of 5
+#                                   boots to a DHCP lease (medians)
 #
 # Builds the kernel (release), runs the lib's host unit tests, then boots the
 # image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
@@ -11,6 +12,10 @@
 #   panic-test  prints "PANIC: <message> at <file:line>"; QEMU exits 35 (panic)
 #   no-lm       on a CPU without long mode (-cpu qemu32) the 32-bit entry stub
 #               says so and QEMU exits 37 (boot failure)
+#   net-dhcp    net=dhcp with a virtio-net NIC on QEMU user networking (internal
+#               to the QEMU process): PCI list, MAC, a lease in 10.0.2.0/24; 33
+#   net-no-nic  net=dhcp with -nic none: "no supported NIC found"; QEMU exits 39
+#   bad-cmdline an unknown command-line key is rejected with a message; 37
 #   ipxe        chained from iPXE (QEMU's PXE ROM, Debian ipxe-qemu) over QEMU's
 #               user-mode DHCP/TFTP: boots and exits 33 (~6 s, mostly iPXE)
 # Ends with "N passed, M failed" and exits non-zero if anything failed.
@@ -36,10 +41,12 @@ finish() {
 }
 
 # Exit statuses: isa-debug-exit makes QEMU exit with (value << 1) | 1
-# (src/exit.rs): success 0x10 -> 33, panic 0x11 -> 35, boot failure 0x12 -> 37.
+# (src/exit.rs): success 0x10 -> 33, panic 0x11 -> 35, boot failure 0x12 -> 37,
+# network failure 0x13 -> 39.
 EXIT_SUCCESS=33
 EXIT_PANIC=35
 EXIT_BOOT_FAILURE=37
+EXIT_NET_FAILURE=39
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 tmp=$(mktemp -d)
@@ -134,10 +141,46 @@ echo "    (qemu exit status $rc, ${secs}s)"
 check "no-lm: exits with the boot-failure code ($EXIT_BOOT_FAILURE)" [ "$rc" -eq "$EXIT_BOOT_FAILURE" ]
 check "no-lm: says why" has '^metta-kernel: this CPU has no long mode'
 
+echo "== net-dhcp (virtio-net, QEMU user-mode network)"
+net_args=(-netdev user,id=n0 -device virtio-net-pci,netdev=n0)
+boot "net=dhcp" "${net_args[@]}"
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "net-dhcp: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "net-dhcp: heap size printed" has '\] heap: [0-9]+ bytes'
+check "net-dhcp: PCI functions listed" \
+    has '\] pci: 00:00\.0 [0-9a-f]{4}:[0-9a-f]{4} class [0-9a-f]{2}\.[0-9a-f]{2}$'
+check "net-dhcp: virtio-net listed" has '\] pci: [0-9a-f:.]+ 1af4:(1000|1041) class 02\.00$'
+check "net-dhcp: MAC printed" has '\] net: virtio-net at .*, mac 52:54:00:([0-9a-f]{2}:){2}[0-9a-f]{2}$'
+check "net-dhcp: lease in 10.0.2.0/24" \
+    has '\] net: dhcp lease 10\.0\.2\.[0-9]+/24 gw 10\.0\.2\.2$'
+check "net-dhcp: no panic" bash -c '! printf "%s\n" "$1" | grep -q PANIC' _ "$out"
+
+echo "== net-no-nic (net=dhcp, -nic none)"
+boot "net=dhcp" -nic none
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "net-no-nic: exits with the network-failure code ($EXIT_NET_FAILURE)" \
+    [ "$rc" -eq "$EXIT_NET_FAILURE" ]
+check "net-no-nic: says so" has '\] net: no supported NIC found$'
+
+echo "== bad-cmdline (unknown key)"
+boot "net=dhcp bogus=1"
+show
+echo "    (qemu exit status $rc, ${secs}s)"
+check "bad-cmdline: exits with the boot-failure code ($EXIT_BOOT_FAILURE)" \
+    [ "$rc" -eq "$EXIT_BOOT_FAILURE" ]
+check "bad-cmdline: names the key" has '\] cmdline: error: unknown key `bogus=1`'
+check "bad-cmdline: stops before PCI/network" bash -c '! grep -qE "\] (pci|net):" <<<"$1"' _ "$out"
+boot "net=static"
+check "bad-cmdline: bad value rejected (exit $rc)" \
+    bash -c '[ "$1" -eq "$2" ] && grep -q "cmdline: error: bad value .static. for .net." <<<"$3"' \
+    _ "$rc" "$EXIT_BOOT_FAILURE" "$out"
+
 echo "== ipxe (chained: QEMU's iPXE ROM, DHCP and TFTP from QEMU user networking)"
 mkdir -p "$tmp/tftp"
 cp "$elf" "$tmp/tftp/metta-kernel"
-printf '#!ipxe\nkernel metta-kernel via-ipxe\nboot\n' >"$tmp/tftp/boot.ipxe"
+printf '#!ipxe\nkernel metta-kernel metta.test=ipxe\nboot\n' >"$tmp/tftp/boot.ipxe"
 QEMU_TIMEOUT=60 qemu -boot n -device virtio-net-pci,netdev=n0 \
     -netdev "user,id=n0,tftp=$tmp/tftp,bootfile=boot.ipxe"
 printf '%s\n' "$out" | grep -E '^\[' | sed 's/^/    | /'
@@ -145,7 +188,7 @@ echo "    (qemu exit status $rc, ${secs}s)"
 check "ipxe: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
 check "ipxe: loaded by iPXE" has '^\[ *[0-9]+\.[0-9]{6}\] loader: iPXE'
 check "ipxe: banner and command line" \
-    bash -c 'grep -q " booted$" <<<"$1" && grep -q "cmdline: \".*via-ipxe\"$" <<<"$1"' _ "$out"
+    bash -c 'grep -q " booted$" <<<"$1" && grep -q "cmdline: \".*metta\.test=ipxe\"$" <<<"$1"' _ "$out"
 
 if [ "$measure" = 1 ]; then
     echo "== measure: wall clock of 5 boots (qemu start to exit)"
@@ -157,6 +200,15 @@ if [ "$measure" = 1 ]; then
     done
     median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
     echo "median: ${median}s; image: $(stat -c %s "$elf") bytes"
+    echo "== measure: wall clock of 5 boots to a DHCP lease (qemu start to exit)"
+    times=()
+    for _ in 1 2 3 4 5; do
+        boot "net=dhcp" "${net_args[@]}"
+        times+=("$secs")
+        echo "    ${secs}s (exit $rc): $(printf '%s\n' "$out" | grep -m1 'dhcp lease')"
+    done
+    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+    echo "median boot to lease: ${median}s"
 fi
 
 finish

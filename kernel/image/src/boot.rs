@@ -24,9 +24,13 @@
 //! 2. checks the multiboot magic `0x2BADB002` and CPUID's long-mode bit; on failure
 //!    it prints a message on COM1 and exits QEMU with
 //!    [`ExitCode::BootFailure`](metta_kernel::exit::ExitCode) (status 37);
-//! 3. identity-maps the first 1 GiB with 2 MiB pages (PML4 → PDPT → 512 PD
-//!    entries), enables PAE, sets EFER.LME, enables paging (with protection
-//!    already on, this activates long mode);
+//! 3. identity-maps the first 4 GiB with 2 MiB pages (PML4 → PDPT → 4 PDs of
+//!    512 entries), enables PAE, sets EFER.LME, enables paging (with protection
+//!    already on, this activates long mode). RAM is only used below 1 GiB
+//!    (`MAPPED_LIMIT` in `main.rs`); the rest of the map is there for the PCI
+//!    memory hole below 4 GiB, where the firmware places device BARs (the
+//!    virtio-net registers). Caching there is uncached through the MTRRs that
+//!    SeaBIOS sets for the PCI hole;
 //! 4. loads a GDT with a 64-bit code segment and far-jumps into it;
 //! 5. loads the data segments, and calls `kmain(magic, info_addr)` with the SysV
 //!    ABI and a 16-byte aligned stack.
@@ -71,7 +75,7 @@ metta_boot_pml4:
 metta_boot_pdpt:
     .skip 4096
 metta_boot_pd:
-    .skip 4096
+    .skip 4 * 4096
 metta_boot_stack:
     .skip {stack_size}
 metta_boot_stack_top:
@@ -129,17 +133,24 @@ _start:
     mov $metta_boot_pdpt, %eax      /* PML4[0] -> PDPT, present | writable */
     or $0x3, %eax
     mov %eax, metta_boot_pml4
-    mov $metta_boot_pd, %eax        /* PDPT[0] -> PD, present | writable */
+    xor %ecx, %ecx                  /* PDPT[j] -> PD j (4 KiB apart), present | writable */
+.Lmap_pdpt:
+    mov %ecx, %eax
+    shl $12, %eax
+    add $metta_boot_pd, %eax
     or $0x3, %eax
-    mov %eax, metta_boot_pdpt
+    mov %eax, metta_boot_pdpt(,%ecx,8)
+    inc %ecx
+    cmp $4, %ecx
+    jne .Lmap_pdpt
     xor %ecx, %ecx                  /* PD[i] = i * 2 MiB | present | writable | huge */
-.Lmap_2mib:
+.Lmap_2mib:                         /* (the 4 PDs are contiguous: i runs over 4 GiB) */
     mov %ecx, %eax
     shl $21, %eax
     or $0x83, %eax
     mov %eax, metta_boot_pd(,%ecx,8)
     inc %ecx
-    cmp $512, %ecx
+    cmp $2048, %ecx
     jne .Lmap_2mib
 
     mov $metta_boot_pml4, %eax

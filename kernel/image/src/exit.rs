@@ -9,7 +9,8 @@
 //! |------------------------------------------|---------------|------------------|
 //! | [`ExitCode::Success`]: booted and done   | `0x10`        | 33               |
 //! | [`ExitCode::Panic`]: Rust panic          | `0x11`        | 35               |
-//! | [`ExitCode::BootFailure`]: entry stub refused to boot (no multiboot magic, no long mode) | `0x12` | 37 |
+//! | [`ExitCode::BootFailure`]: entry stub refused to boot (no multiboot magic, no long mode), or the command line was rejected | `0x12` | 37 |
+//! | [`ExitCode::NetFailure`]: `net=dhcp` asked for, but no supported NIC, or no DHCP lease in time | `0x13` | 39 |
 //!
 //! On real hardware (no such device) the write does nothing and the kernel halts.
 
@@ -24,8 +25,11 @@ pub enum ExitCode {
     Success = 0x10,
     /// A Rust panic; the panic handler printed `PANIC: <message> at <file:line>`.
     Panic = 0x11,
-    /// The 32-bit entry stub refused to continue (written from assembly).
+    /// The 32-bit entry stub refused to continue (written from assembly), or the
+    /// kernel command line was rejected.
     BootFailure = 0x12,
+    /// The network was asked for (`net=dhcp`) and could not be brought up.
+    NetFailure = 0x13,
 }
 
 impl ExitCode {
@@ -49,5 +53,6 @@ mod tests {
         assert_eq!(ExitCode::Success.qemu_status(), 33);
         assert_eq!(ExitCode::Panic.qemu_status(), 35);
         assert_eq!(ExitCode::BootFailure.qemu_status(), 37);
+        assert_eq!(ExitCode::NetFailure.qemu_status(), 39);
     }
 }

@@ -1,5 +1,7 @@
 //! The hardware-independent parts of `metta-kernel`: reading the multiboot1 boot
-//! information, the kernel command line, timestamp arithmetic, and the exit codes.
+//! information, the kernel command line and its strict configuration syntax
+//! ([`bootcfg`]), the choice of heap memory ([`memory`]), timestamp arithmetic, and
+//! the exit codes.
 //!
 //! Everything here works on byte slices and plain integers, so it builds for the
 //! kernel (`x86_64-unknown-none`, `no_std`) and for the host, where the unit tests
@@ -15,7 +17,9 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![forbid(unsafe_code)]
 
+pub mod bootcfg;
 pub mod cmdline;
 pub mod exit;
+pub mod memory;
 pub mod multiboot;
 pub mod time;

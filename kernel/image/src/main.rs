@@ -1,4 +1,5 @@
-//! `metta-kernel`: the Metta native kernel image. This step is the boot layer only.
+//! `metta-kernel`: the Metta native kernel image: boot, heap, PCI, and a
+//! virtio-net NIC configured by DHCP.
 //!
 //! # Boot path
 //!
@@ -8,22 +9,38 @@
 //!    instead of parsing the ELF64 file it cannot load (see [`boot`] and
 //!    `linker.ld`).
 //! 2. The 32-bit entry stub `_start` ([`boot`]) checks the magic and long-mode
-//!    support, identity-maps the first GiB with 2 MiB pages, enters long mode and
-//!    calls [`kmain`].
+//!    support, identity-maps the first 4 GiB with 2 MiB pages (RAM is used below
+//!    1 GiB, the rest is for device registers), enters long mode and calls
+//!    [`kmain`].
 //! 3. [`kmain`] brings up the COM1 console ([`serial`]), calibrates the TSC
 //!    against PIT channel 2 ([`tsc`]) for log timestamps, prints the banner
-//!    `metta-kernel <version> booted`, the loader name, the command line and the
-//!    multiboot memory map, and exits QEMU through `isa-debug-exit` with the
-//!    success code. The kernel command line word `panic-test` makes it panic
-//!    instead, to exercise the panic path.
+//!    `metta-kernel <version> booted`, the loader name and the command line,
+//!    which it parses strictly ([`metta_kernel::bootcfg`] documents the syntax:
+//!    `net=dhcp|off`, `console=ttyS0`, `metta.test=<label>`, `panic-test`; any
+//!    other word is rejected with a message and the boot-failure code). Then it
+//!    prints the multiboot memory map, gives the largest free RAM range below
+//!    1 GiB to the heap ([`heap`], talc; `alloc` is available from here on),
+//!    lists every PCI function on buses 0-255 ([`pci`], ports 0xCF8/0xCFC) and
+//!    notes the first virtio-net function (1af4:1000 or 1af4:1041).
+//! 4. With `net=dhcp` it drives that NIC with `virtio-drivers` (PCI transport,
+//!    virtio 1.0 capabilities) as a `smoltcp` device ([`net`]), prints its MAC,
+//!    busy-polls DHCP for up to 10 s and prints `net: dhcp lease <ip>/<prefix>
+//!    gw <gw>`. Without a NIC, or without a lease in time, it exits with the
+//!    network-failure code. With `net=off` (the default) the network is left
+//!    alone. `panic-test` panics after the heap is up, to exercise the panic
+//!    path. Otherwise it exits QEMU through `isa-debug-exit` with the success
+//!    code.
 //!
 //! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic 35, boot
-//! failure in the entry stub 37; see [`metta_kernel::exit`].
+//! failure (entry stub, or a rejected command line) 37, network failure 39; see
+//! [`metta_kernel::exit`].
 //!
 //! Build and test: `kernel/image/test.sh` builds with `cargo build --release`
 //! inside `kernel/image` (whose `.cargo/config.toml` selects the target), runs the
 //! host unit tests, and boots the image in QEMU: with `-kernel`, with
-//! `panic-test`, on a CPU without long mode, and chained from iPXE. Cargo takes
+//! `panic-test`, on a CPU without long mode, with `net=dhcp` on QEMU's user-mode
+//! network, with `net=dhcp` and no NIC, with a bad command line, and chained
+//! from iPXE. Cargo takes
 //! that config from the working directory, so `--manifest-path` from elsewhere
 //! would build for the host; the binary refuses to compile there, saying so. The
 //! parsing code lives in the library half of this crate (`src/lib.rs`) and is
@@ -41,7 +58,12 @@ compile_error!(
      kernel/image (its .cargo/config.toml sets the target and linker script)"
 );
 
+extern crate alloc;
+
 mod boot;
+mod heap;
+mod net;
+mod pci;
 mod port;
 mod serial;
 mod tsc;
@@ -49,12 +71,29 @@ mod tsc;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use metta_kernel::bootcfg::{BootConfig, NetMode};
 use metta_kernel::cmdline::Cmdline;
 use metta_kernel::exit::{ExitCode, DEBUG_EXIT_PORT};
+use metta_kernel::memory::heap_region;
 use metta_kernel::multiboot::{self, Bytes, Info, MemoryMap, BOOTLOADER_MAGIC, INFO_LEN};
+use virtio_drivers::transport::pci::bus::DeviceFunction;
 
-/// The first GiB is identity-mapped by the entry stub; nothing above is mapped.
+/// The kernel reads and allocates RAM only in the first GiB. (The entry stub
+/// identity-maps the first 4 GiB, [`MMIO_LIMIT`], for device registers.)
 const MAPPED_LIMIT: u64 = 1 << 30;
+/// End of the entry stub's identity map: MMIO (PCI BARs) must lie below.
+pub const MMIO_LIMIT: u64 = 4 << 30;
+/// The heap never starts below 1 MiB (real-mode memory, BIOS data, VGA).
+const HEAP_FLOOR: u64 = 1 << 20;
+/// How long `net=dhcp` waits for a lease.
+const DHCP_TIMEOUT_SECS: u64 = 10;
+
+extern "C" {
+    /// First byte of the image (linker.ld).
+    static __image_start: u8;
+    /// End of `.bss`, the end of the image in memory (linker.ld).
+    static __bss_end: u8;
+}
 /// Longest C string (command line, loader name) the kernel reads.
 const MAX_C_STRING: usize = 4096;
 
@@ -87,21 +126,153 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
     if let Some(name) = info.boot_loader_name.and_then(c_string_at) {
         kprintln!("loader: {}", Cmdline::from_bytes(name).0);
     }
-    let cmdline = info
-        .cmdline
-        .and_then(c_string_at)
+    let cmdline_bytes = info.cmdline.and_then(c_string_at);
+    let cmdline = cmdline_bytes
         .map(Cmdline::from_bytes)
         .unwrap_or(Cmdline(""));
     kprintln!("cmdline: \"{}\"", cmdline.0);
+    let config = match BootConfig::parse(cmdline.0) {
+        Ok(config) => config,
+        Err(e) => {
+            kprintln!("cmdline: error: {e}");
+            exit_qemu(ExitCode::BootFailure)
+        }
+    };
 
     print_memory_map(&info);
+    init_heap(&info, info_addr, cmdline_bytes);
 
-    if cmdline.has_flag("panic-test") {
+    if config.panic_test {
         panic!("panic-test requested on the kernel command line");
     }
 
-    kprintln!("boot complete, exiting");
-    exit_qemu(ExitCode::Success)
+    let nic = scan_pci();
+    let code = match config.net {
+        NetMode::Dhcp => bring_up_network(nic),
+        NetMode::Off => {
+            match nic {
+                Some(df) => kprintln!("net: virtio-net at {df} left unconfigured (net=off)"),
+                None => kprintln!("net: no supported NIC found"),
+            }
+            ExitCode::Success
+        }
+    };
+
+    if code == ExitCode::Success {
+        kprintln!("boot complete, exiting");
+    }
+    exit_qemu(code)
+}
+
+/// Give the largest free piece of RAM below [`MAPPED_LIMIT`] to the heap: above
+/// 1 MiB, and clear of the kernel image and of everything the loader handed over
+/// (information structure, memory map, command line, loader name), which QEMU
+/// places right after the image.
+fn init_heap(info: &Info, info_addr: u64, cmdline: Option<&[u8]>) {
+    let image = (
+        (&raw const __image_start) as u64,
+        (&raw const __bss_end) as u64,
+    );
+    let string = |s: &[u8]| (s.as_ptr() as u64, s.as_ptr() as u64 + s.len() as u64 + 1);
+    let mut reserved = [image; 5];
+    reserved[1] = (info_addr, info_addr + INFO_LEN as u64);
+    if let Some((addr, len)) = info.mmap {
+        reserved[2] = (addr.into(), u64::from(addr) + u64::from(len));
+    }
+    if let Some(s) = cmdline {
+        reserved[3] = string(s);
+    }
+    if let Some(s) = info.boot_loader_name.and_then(c_string_at) {
+        reserved[4] = string(s);
+    }
+    let Some(map) = info
+        .mmap
+        .and_then(|(addr, len)| phys_bytes(addr.into(), len as usize))
+        .map(MemoryMap::new)
+    else {
+        panic!("no memory map from the loader: no memory for the heap");
+    };
+    let Some((base, len)) = heap_region(map, &reserved, HEAP_FLOOR, MAPPED_LIMIT, 4096) else {
+        panic!("no free RAM for the heap");
+    };
+    // SAFETY: [base, base + len) is available RAM per the memory map, below the
+    // identity-mapped limit, above 1 MiB, and clear of the image (with its stack
+    // and page tables in .bss) and of the loader's data that the kernel still
+    // reads; `init_heap` runs once.
+    let size = unsafe { heap::init(base, len) };
+    kprintln!(
+        "heap: {} bytes ({}) at {:#x}-{:#x}",
+        size,
+        Bytes(size as u64),
+        base,
+        base + len - 1
+    );
+}
+
+/// List every PCI function (`pci: BB:DD.F vendor:device class CC.SS`); the
+/// first virtio-net function found, if any.
+fn scan_pci() -> Option<DeviceFunction> {
+    let root = pci::root();
+    let mut nic = None;
+    let mut count = 0;
+    pci::for_each_function(&root, |df, f| {
+        count += 1;
+        kprintln!(
+            "pci: {df} {:04x}:{:04x} class {:02x}.{:02x}",
+            f.vendor_id,
+            f.device_id,
+            f.class,
+            f.subclass
+        );
+        if nic.is_none()
+            && f.vendor_id == net::VIRTIO_VENDOR
+            && net::VIRTIO_NET_DEVICES.contains(&f.device_id)
+        {
+            nic = Some(df);
+        }
+    });
+    kprintln!("pci: {count} functions");
+    nic
+}
+
+/// `net=dhcp`: bring up the virtio-net NIC and get a DHCP lease.
+fn bring_up_network(nic: Option<DeviceFunction>) -> ExitCode {
+    let Some(df) = nic else {
+        kprintln!("net: no supported NIC found");
+        return ExitCode::NetFailure;
+    };
+    let mut root = pci::root();
+    let mut dev = match net::NetDevice::new(&mut root, df) {
+        Ok(dev) => dev,
+        Err(e) => {
+            kprintln!("net: virtio-net at {df}: {e}");
+            return ExitCode::NetFailure;
+        }
+    };
+    let m = dev.mac();
+    kprintln!(
+        "net: virtio-net at {df}, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
+    );
+    let timeout = smoltcp::time::Duration::from_secs(DHCP_TIMEOUT_SECS);
+    match net::dhcp(&mut dev, timeout) {
+        Some((_iface, lease)) => {
+            match lease.router {
+                Some(gw) => kprintln!("net: dhcp lease {} gw {gw}", lease.address),
+                None => kprintln!("net: dhcp lease {} gw none", lease.address),
+            }
+            ExitCode::Success
+        }
+        None => {
+            kprintln!("net: dhcp: no lease within {DHCP_TIMEOUT_SECS} s");
+            ExitCode::NetFailure
+        }
+    }
 }
 
 /// Print the multiboot memory map and the total usable memory.
@@ -141,7 +312,8 @@ fn phys_bytes(addr: u64, len: usize) -> Option<&'static [u8]> {
     }
     // SAFETY: the range is identity-mapped (first GiB) and was handed to us by the
     // loader (multiboot info, memory map), which keeps it out of the image and
-    // .bss; the kernel never writes there (it has no allocator yet).
+    // .bss; the kernel never writes there (`init_heap` keeps the heap clear of
+    // the loader's data).
     Some(unsafe { core::slice::from_raw_parts(addr as *const u8, len) })
 }
 

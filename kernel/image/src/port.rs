@@ -37,3 +37,16 @@ pub unsafe fn inb(port: u16) -> u8 {
     }
     value
 }
+
+/// Read a 32-bit value from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: the caller vouches for the device; `in` touches no memory.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    value
+}

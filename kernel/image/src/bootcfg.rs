@@ -1,0 +1,190 @@
+//! The kernel's configuration, parsed strictly from the command line.
+//!
+//! # Syntax
+//!
+//! The command line is a list of words separated by ASCII whitespace. The first
+//! word is the image name, which multiboot loaders put there by convention (QEMU
+//! `-kernel` passes `"<path> <-append string>"`, iPXE and GRUB `"<image> <args>"`);
+//! it is never interpreted. Every other word must be one of:
+//!
+//! | word               | meaning                                                      |
+//! |--------------------|--------------------------------------------------------------|
+//! | `net=dhcp`         | bring up the NIC (virtio-net) and get an IPv4 lease by DHCP  |
+//! | `net=off`          | do not configure the network (the default)                   |
+//! | `console=ttyS0`    | the console is COM1 (the only console there is; accepted for Linux-style command lines) |
+//! | `metta.test=<label>` | a free-form label for test harnesses; ignored              |
+//! | `panic-test`       | panic after boot, to exercise the panic path                 |
+//!
+//! Anything else is an error: an unknown key or flag, a key without `=value` or
+//! with an empty value, a flag with a value, an unknown value, or a key given
+//! twice. The kernel prints the error on the console and exits with the
+//! boot-failure code (QEMU status 37) instead of guessing.
+
+use core::fmt;
+
+/// What to do with the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetMode {
+    /// Leave the network alone (`net=off`, or no `net=` word).
+    #[default]
+    Off,
+    /// Bring up the NIC and run DHCP (`net=dhcp`).
+    Dhcp,
+}
+
+/// The configuration read from the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootConfig<'a> {
+    /// `net=`.
+    pub net: NetMode,
+    /// `metta.test=`, if given.
+    pub test_label: Option<&'a str>,
+    /// `panic-test`.
+    pub panic_test: bool,
+}
+
+/// Why a command line was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError<'a> {
+    /// A word that is neither a known key nor a known flag.
+    UnknownKey(&'a str),
+    /// A known key without `=value`, or with an empty value.
+    MissingValue(&'a str),
+    /// A known flag written as `flag=value`.
+    UnexpectedValue(&'a str),
+    /// A known key with a value it does not take: `(key, value, accepted values)`.
+    BadValue(&'a str, &'a str, &'static str),
+    /// A key or flag given more than once.
+    Duplicate(&'a str),
+}
+
+impl fmt::Display for ConfigError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::UnknownKey(k) => write!(
+                f,
+                "unknown key `{k}` (known: net=, console=, metta.test=, panic-test)"
+            ),
+            ConfigError::MissingValue(k) => write!(f, "`{k}` needs a value: `{k}=<value>`"),
+            ConfigError::UnexpectedValue(k) => write!(f, "`{k}` is a flag and takes no value"),
+            ConfigError::BadValue(k, v, ok) => {
+                write!(f, "bad value `{v}` for `{k}` (accepted: {ok})")
+            }
+            ConfigError::Duplicate(k) => write!(f, "`{k}` given more than once"),
+        }
+    }
+}
+
+impl<'a> BootConfig<'a> {
+    /// Parse the whole command line (image name first).
+    pub fn parse(cmdline: &'a str) -> Result<Self, ConfigError<'a>> {
+        let mut cfg = BootConfig::default();
+        // Bit per key, to reject duplicates.
+        let mut seen = 0u8;
+        let mut once = |bit: u8, key: &'a str| {
+            if seen & bit != 0 {
+                return Err(ConfigError::Duplicate(key));
+            }
+            seen |= bit;
+            Ok(())
+        };
+        for word in cmdline.split_ascii_whitespace().skip(1) {
+            let (key, value) = match word.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (word, None),
+            };
+            match key {
+                "net" | "console" | "metta.test" => {
+                    let value = match value {
+                        Some(v) if !v.is_empty() => v,
+                        _ => return Err(ConfigError::MissingValue(key)),
+                    };
+                    match key {
+                        "net" => {
+                            once(1, key)?;
+                            cfg.net = match value {
+                                "dhcp" => NetMode::Dhcp,
+                                "off" => NetMode::Off,
+                                v => return Err(ConfigError::BadValue(key, v, "dhcp, off")),
+                            };
+                        }
+                        "console" => {
+                            once(2, key)?;
+                            if value != "ttyS0" {
+                                return Err(ConfigError::BadValue(key, value, "ttyS0"));
+                            }
+                        }
+                        _ => {
+                            once(4, key)?;
+                            cfg.test_label = Some(value);
+                        }
+                    }
+                }
+                "panic-test" => {
+                    if value.is_some() {
+                        return Err(ConfigError::UnexpectedValue(key));
+                    }
+                    once(8, key)?;
+                    cfg.panic_test = true;
+                }
+                _ => return Err(ConfigError::UnknownKey(word)),
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_image_name() {
+        assert_eq!(BootConfig::parse(""), Ok(BootConfig::default()));
+        // The first word is the image name, whatever it looks like.
+        assert_eq!(
+            BootConfig::parse("/tmp/x/metta-kernel "),
+            Ok(BootConfig::default())
+        );
+        assert_eq!(BootConfig::parse("net=bogus"), Ok(BootConfig::default()));
+    }
+
+    #[test]
+    fn known_words() {
+        let c = BootConfig::parse("k console=ttyS0 metta.test=boot net=dhcp panic-test").unwrap();
+        assert_eq!(c.net, NetMode::Dhcp);
+        assert_eq!(c.test_label, Some("boot"));
+        assert!(c.panic_test);
+        assert_eq!(BootConfig::parse("k net=off").unwrap().net, NetMode::Off);
+    }
+
+    #[test]
+    fn strict() {
+        use ConfigError::*;
+        assert_eq!(BootConfig::parse("k bogus=1"), Err(UnknownKey("bogus=1")));
+        assert_eq!(BootConfig::parse("k quiet"), Err(UnknownKey("quiet")));
+        assert_eq!(BootConfig::parse("k net"), Err(MissingValue("net")));
+        assert_eq!(BootConfig::parse("k net="), Err(MissingValue("net")));
+        assert_eq!(
+            BootConfig::parse("k net=static"),
+            Err(BadValue("net", "static", "dhcp, off"))
+        );
+        assert_eq!(
+            BootConfig::parse("k console=tty0"),
+            Err(BadValue("console", "tty0", "ttyS0"))
+        );
+        assert_eq!(
+            BootConfig::parse("k panic-test=1"),
+            Err(UnexpectedValue("panic-test"))
+        );
+        assert_eq!(
+            BootConfig::parse("k net=dhcp net=off"),
+            Err(Duplicate("net"))
+        );
+        assert_eq!(
+            BootConfig::parse("k panic-test panic-test"),
+            Err(Duplicate("panic-test"))
+        );
+        assert!(UnknownKey("x").to_string().contains("unknown key `x`"));
+    }
+}
