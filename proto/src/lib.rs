@@ -16,7 +16,8 @@
 //! - [`grant`]: capabilities: rights, resources, signed grants;
 //! - [`msg`]: requests and responses;
 //! - [`qos`]: QoS contracts (period, slice, extra, memory);
-//! - [`abi`]: the domain ABI (what a wasm domain imports and exports).
+//! - [`abi`]: the domain ABI (what a wasm domain imports and exports);
+//! - [`image`]: domain image manifests and domain capabilities.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -26,18 +27,20 @@ pub mod abi;
 pub mod frame;
 pub mod grant;
 pub mod ids;
+pub mod image;
 pub mod msg;
 pub mod qos;
 
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use grant::{Grant, GrantId, Right, Rights, SignedGrant};
 pub use ids::{NodeId, NodeKind, Role, Subject, SubjectParseError};
+pub use image::{CapSet, Capability, CapabilityParseError, Manifest, SignedManifest};
 pub use msg::*;
 pub use qos::{Contract, ContractError};
 
 /// The ALPN protocol id every Metta connection negotiates.
 pub const ALPN: &[u8] = b"metta/1";
 
-/// The protocol version carried in [`msg::Hello`]-less frames: bumped on any
+/// The protocol version: bumped on any
 /// incompatible change of the message types.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -20,6 +20,11 @@
 //! signed capabilities chained from the cluster admin, each link only narrowing
 //! rights, resources and lifetime.
 //!
+//! What a domain's *code* may do is decided by **code authority** ([`image`]):
+//! a vendor signs a manifest naming the module's hash and the capabilities the
+//! code may use; a domain runs with the intersection of that and what the
+//! launching user holds.
+//!
 //! # Design rules
 //!
 //! - **Pure logic.** Nothing here does I/O or reads the clock: time comes in as
@@ -28,7 +33,7 @@
 //! - **One error type per area**, every variant with a message a user can act on:
 //!   [`keys::KeyError`], [`ca::CaError`], [`cert::CertError`],
 //!   [`verifier::VerifierError`], [`token::TokenParseError`],
-//!   [`grants::GrantError`], [`grants::Denied`].
+//!   [`grants::GrantError`], [`grants::Denied`], [`image::ImageError`].
 //! - **ECDSA P-256 everywhere**, signatures DER-encoded, public keys as
 //!   SubjectPublicKeyInfo DER.
 //! - No `unsafe`, no panics on untrusted input.
@@ -39,13 +44,15 @@
 //! - [`cert`]: post-chain certificate checks and the revocation list;
 //! - [`verifier`]: rustls client/server certificate verifiers;
 //! - [`token`]: join tokens and their registry records;
-//! - [`grants`]: grant signing, chain verification and authorization.
+//! - [`grants`]: grant signing, chain verification and authorization;
+//! - [`image`]: signed domain images, trusted vendors, domain capabilities.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod ca;
 pub mod cert;
 pub mod grants;
+pub mod image;
 pub mod keys;
 pub mod token;
 pub mod verifier;
@@ -53,6 +60,9 @@ pub mod verifier;
 pub use ca::{ca_cluster_name, csr_public_key, CaError, CaPin, ClusterCa, IssuedCert};
 pub use cert::{check_cert, parse_cert, CertError, CertInfo, Purpose, RevocationList};
 pub use grants::{authorize, grant_id, sign_grant, verify_grant, Denied, GrantError, GrantView};
+pub use image::{
+    effective_caps, sign_manifest, user_caps, verify_image, ImageError, VendorSet, VerifiedImage,
+};
 pub use keys::{make_csr, verify_signature, KeyError, NodeKey};
 pub use token::{check_token, check_token_hash, JoinToken, TokenParseError, TokenRecord};
 pub use verifier::{
