@@ -166,8 +166,14 @@ fn bad_tokens_are_refused_with_a_clear_reason_and_change_nothing() {
     let (_, _, o) = c.join_cmd(&good, "x4");
     assert!(stderr(&o).contains("token revoked"), "{}", stderr(&o));
     // expired
-    let short = c.ok(&["token", "create", "--ttl", "1s"]).trim().to_string();
-    std::thread::sleep(Duration::from_millis(1100));
+    let created: serde_json::Value =
+        serde_json::from_str(&c.ok(&["token", "create", "--ttl", "1s", "-o", "json"])).unwrap();
+    let short = created["token"].as_str().unwrap().to_string();
+    let expires_at = created["expires_at"].as_u64().unwrap();
+    // The node and this test read the same clock: wait until it passes expiry.
+    wait_for(Duration::from_secs(5), "the token's expiry", || {
+        (metta_control::clock::now() >= expires_at).then_some(())
+    });
     let (_, _, o) = c.join_cmd(&short, "x5");
     assert!(stderr(&o).contains("token expired"), "{}", stderr(&o));
     // Nothing was admitted, and the node still serves.
