@@ -301,10 +301,7 @@ fn print_json(v: serde_json::Value) {
 }
 
 fn fmt_time(t: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = metta_control::clock::now();
     if t <= now {
         return "expired".into();
     }
