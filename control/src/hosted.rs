@@ -44,19 +44,62 @@
 //! mints a [`ReplyToken`] for the receiver; an answer sent on a `reply_to`
 //! handle comes back out carrying that token and is delivered to the
 //! original sender on the same channel name (without a token). Messages from
-//! outside ([`HostedNucleus::deliver`], [`HostedNucleus::request`]) carry
-//! tokens that route answers back to the caller (or drop them for
-//! `deliver`). A message with no route, or to a full inbox, is dropped and
-//! noted in the sender's log.
+//! outside ([`HostedNucleus::deliver_with`] and, on top of it,
+//! [`HostedNucleus::deliver`] and [`HostedNucleus::request`]) carry tokens
+//! whose answer is handed to an [`AnswerFn`] (or dropped). A message with no
+//! route, or to a full inbox, is dropped and noted in the sender's log.
+//!
+//! **Other nodes.** With [`HostedConfig::outbound`] set, a message on a name
+//! that no local domain serves goes to that hook instead of being dropped
+//! (mettad forwards it to the node, or the lane, that serves the name). The
+//! driver mints a token for it just as for a local route and passes it as
+//! [`Outbound::reply`]; the answer that comes back from the remote domain is
+//! handed in with [`HostedNucleus::answer`] and reaches the original sender
+//! on the original channel name. Only tokens given to the hook can be
+//! redeemed that way (a local request's token cannot be answered from
+//! outside); a token is good for one answer and is forgotten when its
+//! sender is stopped or after [`MAX_TOKENS`] newer ones. A hook that returns
+//! `Err(why)` has the message dropped and `why` noted in the sender's log.
+//! Tokens are numbers local to one `HostedNucleus`: a daemon that runs
+//! several (one per CPU lane) keeps track of which lane minted which. In the
+//! other direction a request from a remote domain is delivered with
+//! [`HostedNucleus::deliver_with`], whose [`AnswerFn`] sends the answer back.
+//!
+//! The hook and the answer and start callbacks run on the activation thread
+//! between activations: they must be quick and must not block (push into a
+//! channel and return) nor call back into the [`HostedNucleus`] (such a call
+//! fails rather than deadlock).
+//!
+//! **Start notification.** The driver records when each domain was spawned
+//! and when its first activation ended (finished or preempted),
+//! [`DomainStats::spawned_ns`] and [`DomainStats::first_activation_ns`];
+//! [`HostedNucleus::on_started`] calls back with the difference once it is
+//! known, or with the reason the domain never got there (it trapped in its
+//! first activation, or was stopped, or the nucleus stopped, before).
+//!
+//! **Logs.** Each domain keeps its last [`HostedConfig::log_lines`] lines in
+//! a ring. Every line gets a sequence number (per domain, from 1, never
+//! reused) and the driver time it was produced, so a follower can ask for
+//! what is new with [`HostedNucleus::logs_since`] and learn how many lines it
+//! missed when the ring overflowed between two calls.
+//!
+//! **Threads.** [`HostedConfig::pin_cpu`] pins the activation thread to one
+//! CPU (Linux) before it calibrates. Every call on the handle waits for the
+//! activation thread's answer; if that thread has ended (shut down or
+//! panicked) the call returns [`HostedError::Stopped`] instead of waiting.
+//! Callbacks still pending when it panics are dropped uncalled (so a channel
+//! sender they hold closes).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Mutex;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use metta_nucleus::{
-    Caps, DomainId, FuelRate, Image, LogOrigin, Message, Nucleus, Outgoing, ReplyToken, Step, Why,
+    Caps, DomainId, FuelRate, Image, LogOrigin, Message, Nucleus, Outcome, Outgoing, ReplyToken,
+    Step, Why,
 };
 use metta_proto::Contract;
 
@@ -70,14 +113,46 @@ pub const RECAL_MIN_NS: u64 = 100_000;
 /// Stack of the activation thread.
 const ACTIVATION_STACK: usize = 32 << 20;
 /// Outstanding reply tokens kept; beyond this the oldest are forgotten.
-const MAX_TOKENS: usize = 65_536;
+pub const MAX_TOKENS: usize = 65_536;
+/// The error for a reply token that is unknown, used or forgotten.
+const STALE_TOKEN: &str = "stale reply token";
+
+/// Takes a message that no local domain serves (see the module docs); runs
+/// on the activation thread, so it must not block. `Err(why)`: the message
+/// is dropped and `why` noted in the sender's log.
+pub type OutboundHook = Arc<dyn Fn(Outbound) -> Result<(), String> + Send + Sync>;
+
+/// Takes the answer to a message delivered with
+/// [`HostedNucleus::deliver_with`]; runs on the activation thread, so it must
+/// not block.
+pub type AnswerFn = Box<dyn FnOnce(Vec<u8>) + Send>;
+
+/// Told how a domain's start went (see [`HostedNucleus::on_started`]): `Ok`
+/// with the ns from its spawn to the end of its first activation, or `Err`
+/// with why it never completed one. Runs on the activation thread, so it
+/// must not block.
+pub type StartedFn = Box<dyn FnOnce(Result<u64, String>) + Send>;
+
+/// A message a local domain sent on a name that no local domain serves,
+/// handed to the [`OutboundHook`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The sending domain's name.
+    pub from: String,
+    /// The channel name it was sent on.
+    pub channel: String,
+    /// The bytes sent.
+    pub payload: Vec<u8>,
+    /// The token to give [`HostedNucleus::answer`] with the answer.
+    pub reply: Option<u64>,
+}
 
 /// Driver settings.
 ///
 /// Build the driver with optimisation (`--release`): wasmi's interpreter
 /// relies on tail calls that unoptimised code does not get, and a long
 /// activation (such as the calibration run) then overflows the stack.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostedConfig {
     /// Admission capacity, ppm of one CPU (leave headroom for the driver).
     pub capacity_ppm: u64,
@@ -92,6 +167,29 @@ pub struct HostedConfig {
     /// Track the fuel rate with an EWMA of measured fuel/ns (see the module
     /// docs).
     pub recalibrate: bool,
+    /// Where messages with no local route go (`None`: they are dropped).
+    pub outbound: Option<OutboundHook>,
+    /// Pin the activation thread to this CPU (Linux; a failure is logged and
+    /// the thread runs unpinned).
+    pub pin_cpu: Option<usize>,
+}
+
+impl fmt::Debug for HostedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostedConfig")
+            .field("capacity_ppm", &self.capacity_ppm)
+            .field("quantum_ns", &self.quantum_ns)
+            .field("log_lines", &self.log_lines)
+            .field("period_records", &self.period_records)
+            .field("fuel_rate", &self.fuel_rate)
+            .field("recalibrate", &self.recalibrate)
+            .field(
+                "outbound",
+                &self.outbound.as_ref().map(|_| "<hook>").unwrap_or("none"),
+            )
+            .field("pin_cpu", &self.pin_cpu)
+            .finish()
+    }
 }
 
 impl Default for HostedConfig {
@@ -103,6 +201,8 @@ impl Default for HostedConfig {
             period_records: 1_024,
             fuel_rate: None,
             recalibrate: true,
+            outbound: None,
+            pin_cpu: None,
         }
     }
 }
@@ -176,6 +276,48 @@ pub struct DomainStats {
     pub logs_dropped: u64,
     /// State.
     pub state: DomainState,
+    /// When it was spawned, ns on the driver's clock.
+    pub spawned_ns: u64,
+    /// When its first activation ended (finished or preempted), ns on the
+    /// driver's clock; `None` until then (and for good if it trapped in it).
+    pub first_activation_ns: Option<u64>,
+    /// Linear memory in use, bytes.
+    pub memory_bytes: u64,
+}
+
+impl DomainStats {
+    /// Why it failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.state {
+            DomainState::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
+/// One log line of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Its number: per domain, from 1, never reused.
+    pub seq: u64,
+    /// When it was produced, ns on the driver's clock (for a domain's line,
+    /// the start of the activation that wrote it).
+    pub at_ns: u64,
+    /// The text.
+    pub text: String,
+}
+
+/// The lines a follower has not seen yet ([`HostedNucleus::logs_since`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogChunk {
+    /// Lines after the cursor, oldest first.
+    pub lines: Vec<LogLine>,
+    /// The cursor to pass next time: the last line's `seq` (the given
+    /// cursor when there is nothing new).
+    pub next: u64,
+    /// Lines after the cursor, before the first returned one, that fell out
+    /// of the ring.
+    pub dropped: u64,
 }
 
 /// One period of one domain, as observed by the driver.
@@ -207,10 +349,21 @@ enum Cmd {
         name: String,
         channel: String,
         payload: Vec<u8>,
-        answer: Option<Sender<Vec<u8>>>,
+        answer: Option<AnswerFn>,
+        ack: Sender<Result<(), HostedError>>,
+    },
+    Answer {
+        token: u64,
+        payload: Vec<u8>,
+        ack: Sender<Result<(), HostedError>>,
+    },
+    OnStarted {
+        name: String,
+        f: StartedFn,
         ack: Sender<Result<(), HostedError>>,
     },
     Logs(String, Sender<Vec<String>>),
+    LogsSince(String, u64, Sender<Result<LogChunk, HostedError>>),
     Periods(String, Sender<Vec<PeriodRecord>>),
     Stats(Sender<Vec<DomainStats>>),
     Stop(String, Sender<Result<(), HostedError>>),
@@ -218,19 +371,21 @@ enum Cmd {
 }
 
 /// A running nucleus on its own thread. Every method is callable from any
-/// thread; calls are served between activations (so within about one
+/// thread (but not from the hook or a callback, which run on the activation
+/// thread); calls are served between activations (so within about one
 /// quantum).
 #[derive(Debug)]
 pub struct HostedNucleus {
     t0: Instant,
     tx: Mutex<Option<Sender<Cmd>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: ThreadId,
     rate: FuelRate,
 }
 
 impl HostedNucleus {
-    /// Calibrates (unless `cfg.fuel_rate` is set) and starts the activation
-    /// loop.
+    /// Pins the activation thread if asked, calibrates (unless
+    /// `cfg.fuel_rate` is set) and starts the activation loop.
     pub fn start(cfg: HostedConfig) -> Result<HostedNucleus, HostedError> {
         let (tx, rx) = mpsc::channel();
         let (rate_tx, rate_rx) = mpsc::channel();
@@ -241,6 +396,9 @@ impl HostedNucleus {
             // 2 MiB.
             .stack_size(ACTIVATION_STACK)
             .spawn(move || {
+                if let Some(cpu) = cfg.pin_cpu {
+                    pin_to(cpu);
+                }
                 // Calibrate on the thread that will run the domains.
                 let rate = match cfg.fuel_rate {
                     Some(r) => Ok(r),
@@ -267,6 +425,7 @@ impl HostedNucleus {
         Ok(HostedNucleus {
             t0,
             tx: Mutex::new(Some(tx)),
+            thread_id: thread.thread().id(),
             thread: Mutex::new(Some(thread)),
             rate,
         })
@@ -291,7 +450,17 @@ impl HostedNucleus {
             .map_err(|_| HostedError::Stopped)
     }
 
+    /// Sends a command and waits for its answer. Never waits forever on a
+    /// dead loop: once the activation thread has ended its receiver is
+    /// gone, so `send` fails, and a command it had queued or was handling
+    /// is dropped with its ack sender, so `recv` fails.
     fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Cmd) -> Result<T, HostedError> {
+        if std::thread::current().id() == self.thread_id {
+            // From the hook or a callback: the loop would wait on itself.
+            return Err(HostedError::Undeliverable(
+                "called from the activation thread (a hook or callback)".into(),
+            ));
+        }
         let (tx, rx) = mpsc::channel();
         self.send(make(tx))?;
         rx.recv().map_err(|_| HostedError::Stopped)
@@ -318,11 +487,25 @@ impl HostedNucleus {
     /// Queues a message for domain `name` on `channel`; an answer is
     /// dropped.
     pub fn deliver(&self, name: &str, channel: &str, payload: &[u8]) -> Result<(), HostedError> {
+        self.deliver_with(name, channel, payload, None)
+    }
+
+    /// Queues a message for domain `name` on `channel`. If the domain
+    /// answers it (on a `reply_to` handle), `on_answer` gets the answer, on
+    /// the activation thread; it is dropped uncalled if no answer comes
+    /// before its token is forgotten (see the module docs).
+    pub fn deliver_with(
+        &self,
+        name: &str,
+        channel: &str,
+        payload: &[u8],
+        on_answer: Option<AnswerFn>,
+    ) -> Result<(), HostedError> {
         self.ask(|ack| Cmd::Deliver {
             name: name.to_string(),
             channel: channel.to_string(),
             payload: payload.to_vec(),
-            answer: None,
+            answer: on_answer,
             ack,
         })?
     }
@@ -337,13 +520,10 @@ impl HostedNucleus {
         timeout: Duration,
     ) -> Result<Vec<u8>, HostedError> {
         let (atx, arx) = mpsc::channel();
-        self.ask(|ack| Cmd::Deliver {
-            name: name.to_string(),
-            channel: channel.to_string(),
-            payload: payload.to_vec(),
-            answer: Some(atx),
-            ack,
-        })??;
+        let on_answer: AnswerFn = Box::new(move |a| {
+            let _ = atx.send(a);
+        });
+        self.deliver_with(name, channel, payload, Some(on_answer))?;
         match arx.recv_timeout(timeout) {
             Ok(a) => Ok(a),
             Err(RecvTimeoutError::Timeout) => Err(HostedError::Timeout),
@@ -351,10 +531,44 @@ impl HostedNucleus {
         }
     }
 
+    /// Delivers the answer to a message that went out through the
+    /// [`OutboundHook`] with `token` ([`Outbound::reply`]): to the sender,
+    /// on the channel name it sent on, without a token. A token is good for
+    /// one answer; an unknown, used or forgotten one (or one not given to
+    /// the hook) is `Undeliverable("stale reply token")`.
+    pub fn answer(&self, token: u64, payload: &[u8]) -> Result<(), HostedError> {
+        self.ask(|ack| Cmd::Answer {
+            token,
+            payload: payload.to_vec(),
+            ack,
+        })?
+    }
+
+    /// Calls `f` once domain `name` has completed its first activation (at
+    /// once if it has), with the ns from its spawn to the end of that
+    /// activation; or with `Err(why)` if it trapped in it, or is stopped (or
+    /// the nucleus stops) before it. `f` runs on the activation thread.
+    pub fn on_started(&self, name: &str, f: StartedFn) -> Result<(), HostedError> {
+        self.ask(|ack| Cmd::OnStarted {
+            name: name.to_string(),
+            f,
+            ack,
+        })?
+    }
+
     /// The domain's recent log lines (empty for an unknown name).
     pub fn logs(&self, name: &str) -> Vec<String> {
         self.ask(|tx| Cmd::Logs(name.to_string(), tx))
             .unwrap_or_default()
+    }
+
+    /// The domain's log lines numbered above `after` that are still in its
+    /// ring (start with 0, then pass [`LogChunk::next`]). A cursor past its
+    /// last line (one from an earlier domain of the same name) counts as 0;
+    /// a follower that must not mix two domains compares
+    /// [`DomainStats::id`].
+    pub fn logs_since(&self, name: &str, after: u64) -> Result<LogChunk, HostedError> {
+        self.ask(|tx| Cmd::LogsSince(name.to_string(), after, tx))?
     }
 
     /// The domain's recent per-period records, oldest first (the current,
@@ -382,7 +596,11 @@ impl HostedNucleus {
         }
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = thread {
-            let _ = t.join();
+            // Not from the activation thread itself (a callback dropping
+            // the last handle): it would wait for itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -391,6 +609,34 @@ impl Drop for HostedNucleus {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Pins the calling thread to `cpu`; logs and carries on if it cannot.
+fn pin_to(cpu: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            tracing::warn!(cpu, "hosted nucleus: not pinned: no such CPU");
+            return;
+        }
+        // SAFETY: `cpu_set_t` is plain integers, so all-zero bytes are a
+        // valid (empty) set; `CPU_SET` sets one bit of it, in bounds as
+        // `cpu < CPU_SETSIZE` was checked above; `sched_setaffinity` reads
+        // `size_of::<cpu_set_t>()` bytes from the live local `set`, and pid 0
+        // is the calling thread.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(cpu, error = %e, "hosted nucleus: not pinned");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::warn!(cpu, "hosted nucleus: not pinned: only supported on Linux");
 }
 
 /// The calibration domain, an endless add loop preempted by fuel, as wasm
@@ -469,18 +715,41 @@ fn calibrate_with(fuel: u64) -> Result<FuelRate, HostedError> {
 struct DomState {
     name: String,
     contract: Contract,
-    logs: VecDeque<String>,
+    logs: VecDeque<LogLine>,
+    /// The `seq` of the next log line.
+    next_seq: u64,
     logs_dropped: u64,
     real_ns: u64,
     guaranteed_ns: u64,
     extra_ns: u64,
     undelivered: u64,
     periods: VecDeque<PeriodRecord>,
+    spawned_ns: u64,
+    first_activation_ns: Option<u64>,
+    /// Waiting for the first activation to end.
+    started: Vec<StartedFn>,
 }
 
+/// Where the answer to a token goes.
 enum Dest {
+    /// A local domain's message to a local domain: to the sender, on this
+    /// channel name.
     Domain(DomainId, String),
-    External(Option<Sender<Vec<u8>>>),
+    /// The same, for a message handed to the outbound hook: only
+    /// [`HostedNucleus::answer`] redeems it.
+    Remote(DomainId, String),
+    /// A message from outside: to this callback (or nowhere).
+    External(Option<AnswerFn>),
+}
+
+/// Why a message from one domain could not be delivered to another.
+fn undeliverable_why(e: &metta_nucleus::Undeliverable) -> &'static str {
+    match e {
+        metta_nucleus::Undeliverable::Full(_) => "inbox full",
+        metta_nucleus::Undeliverable::TooBig(_) => "too big",
+        metta_nucleus::Undeliverable::Failed(_) => "receiver failed",
+        metta_nucleus::Undeliverable::NoSuchDomain(_) => "no receiver",
+    }
 }
 
 struct Driver {
@@ -544,14 +813,17 @@ impl Driver {
                     ..
                 } => {
                     let end = self.now();
+                    self.first_activation(domain, &activation.outcome, end);
                     self.account(domain, why, now, end - now, charged_ns);
                     self.recalibrate(activation.fuel_used, end - now);
-                    self.route();
+                    // Logs first: the domain's lines come before the
+                    // driver's notes about the messages it sent.
                     self.collect_logs();
+                    self.route();
                 }
                 Step::Idle { until } => {
-                    self.route();
                     self.collect_logs();
+                    self.route();
                     let got = match until {
                         Some(t) => {
                             let wait = t.saturating_sub(self.now());
@@ -576,6 +848,27 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Notes the end of an activation of `id` at `end`: the first one to
+    /// complete tells the start waiters; a trap before that fails them.
+    fn first_activation(&mut self, id: DomainId, outcome: &Outcome, end: u64) {
+        let Some(st) = self.doms.get_mut(&id) else {
+            return;
+        };
+        if st.first_activation_ns.is_some() {
+            return;
+        }
+        let r = match outcome {
+            Outcome::Trapped(why) => Err(why.clone()),
+            _ => {
+                st.first_activation_ns = Some(end);
+                Ok(end.saturating_sub(st.spawned_ns))
+            }
+        };
+        for f in st.started.drain(..) {
+            f(r.clone());
         }
     }
 
@@ -647,14 +940,44 @@ impl Driver {
         ReplyToken(t)
     }
 
-    fn note(&mut self, id: DomainId, text: String) {
+    /// Adds a log line for `id`, produced at `at_ns`.
+    fn note(&mut self, id: DomainId, at_ns: u64, text: String) {
         let cap = self.cfg.log_lines.max(1);
         if let Some(st) = self.doms.get_mut(&id) {
             if st.logs.len() >= cap {
                 st.logs.pop_front();
                 st.logs_dropped += 1;
             }
-            st.logs.push_back(text);
+            st.logs.push_back(LogLine {
+                seq: st.next_seq,
+                at_ns,
+                text,
+            });
+            st.next_seq += 1;
+        }
+    }
+
+    /// `id`'s lines numbered above `after`.
+    fn logs_since(&self, id: DomainId, after: u64) -> LogChunk {
+        let Some(st) = self.doms.get(&id) else {
+            return LogChunk::default();
+        };
+        // A cursor past the last line is from an earlier domain of that
+        // name: start this one from the beginning.
+        let after = if after >= st.next_seq { 0 } else { after };
+        let lines: Vec<LogLine> = st.logs.iter().filter(|l| l.seq > after).cloned().collect();
+        match (lines.first(), lines.last()) {
+            (Some(first), Some(last)) => LogChunk {
+                // `first.seq > after`, by the filter.
+                dropped: first.seq - after - 1,
+                next: last.seq,
+                lines,
+            },
+            _ => LogChunk {
+                lines,
+                next: after,
+                dropped: 0,
+            },
         }
     }
 
@@ -690,21 +1013,21 @@ impl Driver {
             let now = self.now();
             match reply {
                 Some(ReplyToken(t)) => match self.tokens.remove(&t) {
-                    Some(Dest::External(Some(tx))) => {
-                        let _ = tx.send(payload);
-                    }
+                    Some(Dest::External(Some(f))) => f(payload),
                     Some(Dest::External(None)) => {}
-                    Some(Dest::Domain(to, ch)) => {
+                    // A remote token never reaches a local domain; were it
+                    // to, it would go where it says.
+                    Some(Dest::Domain(to, ch) | Dest::Remote(to, ch)) => {
                         let msg = Message {
                             channel: ch,
                             payload,
                             reply: None,
                         };
                         if let Err(e) = self.n.deliver(to, msg, now) {
-                            self.undelivered(from, &channel, &format!("{e:?}"));
+                            self.undelivered(from, &channel, undeliverable_why(&e));
                         }
                     }
-                    None => self.undelivered(from, &channel, "stale reply token"),
+                    None => self.undelivered(from, &channel, STALE_TOKEN),
                 },
                 None => match self.route_to(from, &channel) {
                     Some(to) => {
@@ -716,26 +1039,73 @@ impl Driver {
                         };
                         if let Err(e) = self.n.deliver(to, msg, now) {
                             self.tokens.remove(&token.0);
-                            let why = match e {
-                                metta_nucleus::Undeliverable::Full(_) => "inbox full",
-                                metta_nucleus::Undeliverable::TooBig(_) => "too big",
-                                metta_nucleus::Undeliverable::Failed(_) => "receiver failed",
-                                metta_nucleus::Undeliverable::NoSuchDomain(_) => "no receiver",
-                            };
-                            self.undelivered(from, &channel, why);
+                            self.undelivered(from, &channel, undeliverable_why(&e));
                         }
                     }
-                    None => self.undelivered(from, &channel, "no route"),
+                    None => self.route_out(from, channel, payload),
                 },
             }
         }
+    }
+
+    /// A message with no local route: to the outbound hook, if any.
+    fn route_out(&mut self, from: DomainId, channel: String, payload: Vec<u8>) {
+        let Some(hook) = self.cfg.outbound.clone() else {
+            self.undelivered(from, &channel, "no route");
+            return;
+        };
+        let name = self
+            .doms
+            .get(&from)
+            .map(|st| st.name.clone())
+            .unwrap_or_default();
+        let token = self.mint(Dest::Remote(from, channel.clone()));
+        let out = Outbound {
+            from: name,
+            channel: channel.clone(),
+            payload,
+            reply: Some(token.0),
+        };
+        if let Err(why) = hook(out) {
+            self.tokens.remove(&token.0);
+            self.undelivered(from, &channel, &why);
+        }
+    }
+
+    /// An answer from a remote domain to the message that went out with
+    /// `token`.
+    fn answer(&mut self, token: u64, payload: Vec<u8>) -> Result<(), HostedError> {
+        let stale = || HostedError::Undeliverable(STALE_TOKEN.into());
+        let (to, channel) = match self.tokens.remove(&token) {
+            Some(Dest::Remote(to, ch)) => (to, ch),
+            // Not one given to the hook: leave it to its owner.
+            Some(other) => {
+                self.tokens.insert(token, other);
+                return Err(stale());
+            }
+            None => return Err(stale()),
+        };
+        let msg = Message {
+            channel,
+            payload,
+            reply: None,
+        };
+        let now = self.now();
+        self.n
+            .deliver(to, msg, now)
+            .map_err(|e| HostedError::Undeliverable(undeliverable_why(&e).into()))
     }
 
     fn undelivered(&mut self, from: DomainId, channel: &str, why: &str) {
         if let Some(st) = self.doms.get_mut(&from) {
             st.undelivered += 1;
         }
-        self.note(from, format!("driver: message on {channel} dropped: {why}"));
+        let now = self.now();
+        self.note(
+            from,
+            now,
+            format!("driver: message on {channel} dropped: {why}"),
+        );
     }
 
     fn collect_logs(&mut self) {
@@ -744,7 +1114,7 @@ impl Driver {
                 LogOrigin::Domain => line.text,
                 LogOrigin::Nucleus => format!("nucleus: {}", line.text),
             };
-            self.note(line.domain, text);
+            self.note(line.domain, line.at_ns, text);
         }
     }
 
@@ -794,15 +1164,31 @@ impl Driver {
                 });
                 let _ = ack.send(r);
             }
+            Cmd::Answer {
+                token,
+                payload,
+                ack,
+            } => {
+                let _ = ack.send(self.answer(token, payload));
+            }
+            Cmd::OnStarted { name, f, ack } => {
+                let r = self.id_of(&name).map(|id| self.on_started(id, f));
+                let _ = ack.send(r);
+            }
             Cmd::Logs(name, tx) => {
                 self.collect_logs();
                 let lines = self
                     .names
                     .get(&name)
                     .and_then(|id| self.doms.get(id))
-                    .map(|st| st.logs.iter().cloned().collect())
+                    .map(|st| st.logs.iter().map(|l| l.text.clone()).collect())
                     .unwrap_or_default();
                 let _ = tx.send(lines);
+            }
+            Cmd::LogsSince(name, after, tx) => {
+                self.collect_logs();
+                let r = self.id_of(&name).map(|id| self.logs_since(id, after));
+                let _ = tx.send(r);
             }
             Cmd::Periods(name, tx) => {
                 let p = self
@@ -820,9 +1206,14 @@ impl Driver {
                 let r = self.id_of(&name).map(|id| {
                     self.n.stop(id);
                     self.names.remove(&name);
-                    self.doms.remove(&id);
-                    self.tokens
-                        .retain(|_, d| !matches!(d, Dest::Domain(to, _) if *to == id));
+                    if let Some(st) = self.doms.remove(&id) {
+                        for f in st.started {
+                            f(Err("stopped before its first activation".into()));
+                        }
+                    }
+                    self.tokens.retain(
+                        |_, d| !matches!(d, Dest::Domain(to, _) | Dest::Remote(to, _) if *to == id),
+                    );
                 });
                 let _ = tx.send(r);
             }
@@ -854,15 +1245,37 @@ impl Driver {
                 name,
                 contract,
                 logs: VecDeque::new(),
+                next_seq: 1,
                 logs_dropped: 0,
                 real_ns: 0,
                 guaranteed_ns: 0,
                 extra_ns: 0,
                 undelivered: 0,
                 periods: VecDeque::new(),
+                spawned_ns: now,
+                first_activation_ns: None,
+                started: Vec::new(),
             },
         );
         Ok(id)
+    }
+
+    /// Registers `f` for `id`'s first activation, or calls it now if that
+    /// is decided.
+    fn on_started(&mut self, id: DomainId, f: StartedFn) {
+        let failure = self
+            .n
+            .domain(id)
+            .and_then(|d| d.failure())
+            .map(str::to_string);
+        let Some(st) = self.doms.get_mut(&id) else {
+            return f(Err("no such domain".into()));
+        };
+        match (st.first_activation_ns, failure) {
+            (Some(end), _) => f(Ok(end.saturating_sub(st.spawned_ns))),
+            (None, Some(why)) => f(Err(why)),
+            (None, None) => st.started.push(f),
+        }
     }
 
     fn stats(&self) -> Vec<DomainStats> {
@@ -893,9 +1306,28 @@ impl Driver {
                     undelivered: st.undelivered,
                     logs_dropped: s.logs_dropped + st.logs_dropped,
                     state,
+                    spawned_ns: st.spawned_ns,
+                    first_activation_ns: st.first_activation_ns,
+                    memory_bytes: d.memory().len() as u64,
                 })
             })
             .collect()
+    }
+}
+
+impl Drop for Driver {
+    /// Tells whoever still waits for a start that it will not come (not
+    /// while unwinding from a panic: a callback that panicked too would
+    /// abort).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for st in self.doms.values_mut() {
+            for f in st.started.drain(..) {
+                f(Err("the nucleus stopped".into()));
+            }
+        }
     }
 }
 
@@ -1088,5 +1520,448 @@ mod tests {
         let e = s.iter().find(|d| d.name == "echo").unwrap();
         assert_eq!((e.received, e.sent), (2, 2));
         assert_eq!(e.state, DomainState::Waiting);
+    }
+
+    /// Traps on its first activation.
+    const TRAP: &str = r#"(module (memory (export "memory") 1)
+      (func (export "metta_activate") (param i32) (result i32)
+        unreachable))"#;
+
+    /// A config whose outbound hook records what it gets and answers with
+    /// `result`.
+    fn hooked(result: Result<(), String>) -> (HostedConfig, Arc<Mutex<Vec<Outbound>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hook: OutboundHook = Arc::new(move |o| {
+            s.lock().unwrap().push(o);
+            result.clone()
+        });
+        let cfg = HostedConfig {
+            outbound: Some(hook),
+            ..test_config()
+        };
+        (cfg, seen)
+    }
+
+    #[test]
+    fn no_local_route_goes_to_the_hook_and_answers_come_back() {
+        let (cfg, seen) = hooked(Ok(()));
+        assert!(format!("{cfg:?}").contains("outbound: \"<hook>\""));
+        let h = HostedNucleus::start(cfg).unwrap();
+        let client = wat::parse_str(CLIENT).unwrap();
+        // Nobody else serves /svc/echo here (the client's own cap does not
+        // count): its ping goes out.
+        let caps = Caps::with_channels(["/svc/echo"]);
+        h.spawn("client", &client, contract(1, 10, false), caps)
+            .unwrap();
+        let out = wait_for(Duration::from_secs(5), || seen.lock().unwrap().pop());
+        assert_eq!(
+            (out.from.as_str(), out.channel.as_str(), &out.payload[..]),
+            ("client", "/svc/echo", &b"ping"[..])
+        );
+        let token = out.reply.expect("a token for the answer");
+        h.answer(token, b"pong").unwrap();
+        wait_for(Duration::from_secs(5), || {
+            h.logs("client")
+                .iter()
+                .any(|l| l == "back: pong")
+                .then_some(())
+        });
+        // One answer per token.
+        assert!(matches!(
+            h.answer(token, b"again"),
+            Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
+        ));
+        assert!(matches!(
+            h.answer(token + 1_000, b""),
+            Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
+        ));
+        // A token minted for someone else cannot be answered from outside:
+        // this one (the next minted) belongs to `deliver`.
+        h.deliver("client", "/svc/echo", b"x").unwrap();
+        assert!(matches!(
+            h.answer(token + 1, b"forged"),
+            Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
+        ));
+        let s = h.stats();
+        assert_eq!(s[0].undelivered, 0);
+        // A stopped sender's tokens go with it.
+        let (cfg, seen) = hooked(Ok(()));
+        let h = HostedNucleus::start(cfg).unwrap();
+        h.spawn(
+            "client",
+            &client,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        let out = wait_for(Duration::from_secs(5), || seen.lock().unwrap().pop());
+        h.stop("client").unwrap();
+        assert!(matches!(
+            h.answer(out.reply.unwrap(), b"late"),
+            Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
+        ));
+    }
+
+    #[test]
+    fn a_hook_that_refuses_has_the_message_dropped_with_its_reason() {
+        let (cfg, seen) = hooked(Err("peer unreachable".into()));
+        let h = HostedNucleus::start(cfg).unwrap();
+        let client = wat::parse_str(CLIENT).unwrap();
+        h.spawn(
+            "client",
+            &client,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(5), || {
+            h.logs("client")
+                .iter()
+                .any(|l| l == "driver: message on /svc/echo dropped: peer unreachable")
+                .then_some(())
+        });
+        let token = seen.lock().unwrap()[0].reply.unwrap();
+        // The token was dropped with the message.
+        assert!(h.answer(token, b"pong").is_err());
+        assert_eq!(h.stats()[0].undelivered, 1);
+        // Without a hook: no route, as before.
+        let h = HostedNucleus::start(test_config()).unwrap();
+        h.spawn(
+            "client",
+            &client,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(5), || {
+            h.logs("client")
+                .iter()
+                .any(|l| l == "driver: message on /svc/echo dropped: no route")
+                .then_some(())
+        });
+    }
+
+    #[test]
+    fn deliver_with_hands_the_answer_to_the_callback() {
+        let h = HostedNucleus::start(test_config()).unwrap();
+        let echo = wat::parse_str(ECHO).unwrap();
+        h.spawn(
+            "echo",
+            &echo,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let on_answer: AnswerFn = Box::new(move |a| tx.send(a).unwrap());
+        h.deliver_with("echo", "/svc/echo", b"remote hello", Some(on_answer))
+            .unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            b"remote hello"
+        );
+        // Without a callback the answer is dropped.
+        h.deliver_with("echo", "/svc/echo", b"quiet", None).unwrap();
+        wait_for(Duration::from_secs(5), || {
+            h.logs("echo").iter().any(|l| l == "quiet").then_some(())
+        });
+        assert!(matches!(
+            h.deliver_with("nobody", "/svc/echo", b"", Some(Box::new(|_| {}))),
+            Err(HostedError::NoSuchDomain(_))
+        ));
+    }
+
+    #[test]
+    fn on_started_reports_the_first_activation_or_why_not() {
+        let h = HostedNucleus::start(test_config()).unwrap();
+        let echo = wat::parse_str(ECHO).unwrap();
+        let before = h.now_ns();
+        h.spawn(
+            "echo",
+            &echo,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let t = tx.clone();
+        h.on_started("echo", Box::new(move |r| t.send(r).unwrap()))
+            .unwrap();
+        let ns = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("started");
+        assert!(ns > 0 && ns < 5_000_000_000, "{ns} ns");
+        let s = h.stats();
+        let first = s[0].first_activation_ns.expect("recorded");
+        assert!(s[0].spawned_ns >= before, "{:?}", s[0]);
+        assert_eq!(first - s[0].spawned_ns, ns);
+        assert!(first <= h.now_ns());
+        // Once started, a late caller is told at once, the same.
+        let t = tx.clone();
+        h.on_started("echo", Box::new(move |r| t.send(r).unwrap()))
+            .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(ns));
+
+        // A trap in the first activation: an error, whether it happened
+        // before or after the call.
+        let trap = wat::parse_str(TRAP).unwrap();
+        h.spawn("trap", &trap, contract(1, 10, false), Caps::none())
+            .unwrap();
+        let t = tx.clone();
+        h.on_started("trap", Box::new(move |r| t.send(r).unwrap()))
+            .unwrap();
+        let r = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(r.is_err(), "{r:?}");
+        let s = h.stats();
+        let t = s.iter().find(|d| d.name == "trap").unwrap();
+        assert_eq!(t.first_activation_ns, None);
+        assert_eq!(t.failure(), r.as_ref().err().map(String::as_str));
+        assert!(matches!(
+            h.on_started("nobody", Box::new(|_| {})),
+            Err(HostedError::NoSuchDomain(_))
+        ));
+    }
+
+    /// Stopped, or the nucleus gone, before the first activation: driven
+    /// by hand (no activation happens between the commands).
+    #[test]
+    fn on_started_fails_when_stopped_first() {
+        let mut d = Driver::new(test_config(), FuelRate::new(1, 100), Instant::now());
+        let echo = wat::parse_str(ECHO).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for name in ["a", "b"] {
+            let (ack, r) = mpsc::channel();
+            assert!(d.command(Cmd::Spawn {
+                name: name.into(),
+                wasm: echo.clone(),
+                contract: contract(1, 10, false),
+                caps: Caps::none(),
+                ack,
+            }));
+            r.recv().unwrap().unwrap();
+            let (ack, r) = mpsc::channel();
+            let t = tx.clone();
+            let f: StartedFn = Box::new(move |res| t.send((name, res)).unwrap());
+            assert!(d.command(Cmd::OnStarted {
+                name: name.into(),
+                f,
+                ack,
+            }));
+            r.recv().unwrap().unwrap();
+        }
+        assert!(rx.try_recv().is_err(), "nothing decided yet");
+        let (ack, r) = mpsc::channel();
+        assert!(d.command(Cmd::Stop("a".into(), ack)));
+        r.recv().unwrap().unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ("a", Err("stopped before its first activation".into()))
+        );
+        drop(d);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ("b", Err("the nucleus stopped".into()))
+        );
+    }
+
+    /// `answer` takes only tokens given to the hook, each once.
+    #[test]
+    fn answer_redeems_only_remote_tokens() {
+        let mut d = Driver::new(test_config(), FuelRate::new(1, 100), Instant::now());
+        let (ack, r) = mpsc::channel();
+        d.command(Cmd::Spawn {
+            name: "a".into(),
+            wasm: wat::parse_str(ECHO).unwrap(),
+            contract: contract(1, 10, false),
+            caps: Caps::none(),
+            ack,
+        });
+        let id = r.recv().unwrap().unwrap();
+        let local = d.mint(Dest::Domain(id, "/x".into())).0;
+        let external = d.mint(Dest::External(None)).0;
+        let remote = d.mint(Dest::Remote(id, "/x".into())).0;
+        for t in [local, external] {
+            assert!(matches!(
+                d.answer(t, b"forged".to_vec()),
+                Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
+            ));
+            assert!(d.tokens.contains_key(&t), "left to its owner");
+        }
+        d.answer(remote, b"ok".to_vec()).unwrap();
+        assert!(!d.tokens.contains_key(&remote));
+        assert!(d.answer(remote, b"again".to_vec()).is_err());
+    }
+
+    #[test]
+    fn logs_since_follows_with_a_cursor() {
+        let h = HostedNucleus::start(HostedConfig {
+            log_lines: 4,
+            ..test_config()
+        })
+        .unwrap();
+        let echo = wat::parse_str(ECHO).unwrap();
+        h.spawn(
+            "echo",
+            &echo,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        // Each request is answered (so logged) before the next is sent.
+        let say = |w: &str| {
+            h.request("echo", "/svc/echo", w.as_bytes(), Duration::from_secs(5))
+                .unwrap();
+        };
+        let texts = |c: &LogChunk| c.lines.iter().map(|l| l.text.clone()).collect::<Vec<_>>();
+        let empty = h.logs_since("echo", 0).unwrap();
+        assert_eq!(empty, LogChunk::default());
+        say("a");
+        say("b");
+        let c = h.logs_since("echo", 0).unwrap();
+        assert_eq!(texts(&c), ["a", "b"]);
+        assert_eq!(c.lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!((c.next, c.dropped), (2, 0));
+        assert!(c.lines[0].at_ns <= c.lines[1].at_ns && c.lines[1].at_ns <= h.now_ns());
+        // Nothing new: the same cursor back.
+        let c = h.logs_since("echo", c.next).unwrap();
+        assert!(c.lines.is_empty());
+        assert_eq!((c.next, c.dropped), (2, 0));
+        say("c");
+        let c = h.logs_since("echo", c.next).unwrap();
+        assert_eq!(texts(&c), ["c"]);
+        assert_eq!((c.lines[0].seq, c.next, c.dropped), (3, 3, 0));
+        // Five more overflow the ring of 4: line 4 falls out.
+        for w in ["d", "e", "f", "g", "h"] {
+            say(w);
+        }
+        let c2 = h.logs_since("echo", c.next).unwrap();
+        assert_eq!(texts(&c2), ["e", "f", "g", "h"]);
+        assert_eq!((c2.lines[0].seq, c2.next, c2.dropped), (5, 8, 1));
+        assert_eq!(h.logs_since("echo", 0).unwrap().dropped, 4);
+        assert_eq!(h.logs_since("echo", 6).unwrap().dropped, 0);
+        assert_eq!(h.logs("echo"), ["e", "f", "g", "h"]);
+        assert_eq!(h.stats()[0].logs_dropped, 4);
+        assert!(matches!(
+            h.logs_since("nobody", 0),
+            Err(HostedError::NoSuchDomain(_))
+        ));
+        // A cursor from an earlier domain of the same name starts over.
+        h.stop("echo").unwrap();
+        h.spawn(
+            "echo",
+            &echo,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        say("i");
+        let c = h.logs_since("echo", c2.next).unwrap();
+        assert_eq!(texts(&c), ["i"]);
+        assert_eq!((c.lines[0].seq, c.next, c.dropped), (1, 1, 0));
+    }
+
+    /// A dead activation thread makes every call fail instead of hang.
+    #[test]
+    fn calls_fail_once_the_activation_thread_is_gone() {
+        let hook: OutboundHook = Arc::new(|_| panic!("the hook panics (on purpose)"));
+        let h = HostedNucleus::start(HostedConfig {
+            outbound: Some(hook),
+            ..test_config()
+        })
+        .unwrap();
+        let client = wat::parse_str(CLIENT).unwrap();
+        h.spawn(
+            "client",
+            &client,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(5), || {
+            matches!(h.logs_since("client", 0), Err(HostedError::Stopped)).then_some(())
+        });
+        assert!(h.stats().is_empty());
+        assert!(h.logs("client").is_empty());
+        assert!(matches!(h.answer(1, b""), Err(HostedError::Stopped)));
+        assert!(matches!(
+            h.on_started("client", Box::new(|_| {})),
+            Err(HostedError::Stopped)
+        ));
+        assert!(matches!(h.stop("client"), Err(HostedError::Stopped)));
+        assert!(matches!(
+            h.request("client", "/svc/echo", b"", Duration::from_secs(60)),
+            Err(HostedError::Stopped)
+        ));
+        h.shutdown();
+    }
+
+    /// A callback that calls back into the handle gets an error, not a
+    /// deadlock.
+    #[test]
+    fn reentrant_calls_fail_instead_of_deadlocking() {
+        let h = Arc::new(HostedNucleus::start(test_config()).unwrap());
+        let echo = wat::parse_str(ECHO).unwrap();
+        h.spawn(
+            "echo",
+            &echo,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/echo"]),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::downgrade(&h);
+        let on_answer: AnswerFn = Box::new(move |_| {
+            let r = inner
+                .upgrade()
+                .map(|h| h.deliver("echo", "/svc/echo", b"x"));
+            tx.send(matches!(r, Some(Err(HostedError::Undeliverable(_)))))
+                .unwrap();
+        });
+        h.deliver_with("echo", "/svc/echo", b"hi", Some(on_answer))
+            .unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn pins_the_activation_thread() {
+        // An impossible CPU: logged, not fatal.
+        let h = HostedNucleus::start(HostedConfig {
+            pin_cpu: Some(usize::MAX),
+            ..test_config()
+        })
+        .unwrap();
+        assert!(h.stats().is_empty());
+        drop(h);
+        let h = HostedNucleus::start(HostedConfig {
+            pin_cpu: Some(0),
+            ..test_config()
+        })
+        .unwrap();
+        let allowed = |status: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        };
+        let process = allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+        if process.as_deref() == Some("0") {
+            return; // Already confined to CPU 0: nothing to tell apart.
+        }
+        // Other tests' activation threads may run too; ours is the one on
+        // CPU 0 only.
+        let pinned = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "metta-nucleus")
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .any(|s| allowed(&s).as_deref() == Some("0"));
+        assert!(pinned, "no activation thread pinned to CPU 0");
+        drop(h);
     }
 }

@@ -16,6 +16,7 @@
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod domains;
 pub mod hosted;
 pub mod network;
 pub mod node;

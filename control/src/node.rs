@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock;
 use crate::config::{DataDir, NodeConfig};
+use crate::domains::Domains;
 use crate::network::{self, NetworkFactory};
 use crate::policy::{requirement, Requirement};
 use crate::raft_types::Raft;
@@ -105,7 +106,14 @@ pub struct Node {
     heartbeats: Mutex<HashMap<NodeId, (Instant, Heartbeat)>>,
     shutdown: watch::Sender<bool>,
     writes: mpsc::UnboundedSender<PendingWrite>,
+    domains: Arc<Domains>,
+    /// Held while a domain is placed and committed, so two `run`s do not
+    /// both take the last free share.
+    place_lock: tokio::sync::Mutex<()>,
 }
+
+#[path = "node_domains.rs"]
+mod domain_api;
 
 /// A registry write waiting for the batcher, and where its result goes.
 type PendingWrite = (Command, oneshot::Sender<Result<Applied, ApiError>>);
@@ -205,6 +213,13 @@ impl Node {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
 
+        let domains = Domains::start(
+            cfg.node_id,
+            registry.clone(),
+            transport.clone(),
+            applied.clone(),
+        );
+        domains.warm_up();
         let (shutdown, _) = watch::channel(false);
         let (writes, pending) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
@@ -223,6 +238,8 @@ impl Node {
             heartbeats: Mutex::new(HashMap::new()),
             shutdown,
             writes,
+            domains,
+            place_lock: tokio::sync::Mutex::new(()),
         });
 
         node.maybe_initialize().await?;
@@ -264,6 +281,7 @@ impl Node {
     /// Stops serving.
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+        self.domains.shutdown();
         self.transport.close();
         let _ = self.raft.shutdown().await;
     }
@@ -395,6 +413,14 @@ impl Node {
                     subject: peer.unwrap_or(Subject::User("anonymous".into())),
                     rights: metta_proto::Rights::ALL,
                     resource: "/forward".into(),
+                }),
+            },
+            Request::Node(call) => match peer {
+                Some(Subject::Node(_)) => self.domains.serve(call).await,
+                _ => Err(ApiError::PermissionDenied {
+                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/nodes/domains".into(),
                 }),
             },
             Request::Raft(rpc) => match peer {
@@ -743,6 +769,17 @@ impl Node {
                 };
                 self.renew_for(id, &csr_pem, now).await
             }
+            ApiRequest::NodeLabel { node, key, value } => self.label_node(&node, key, value).await,
+            call @ (ApiRequest::VendorAdd { .. }
+            | ApiRequest::VendorRemove { .. }
+            | ApiRequest::Vendors
+            | ApiRequest::ImagePush { .. }
+            | ApiRequest::Images
+            | ApiRequest::Run(_)
+            | ApiRequest::Ps
+            | ApiRequest::Logs { .. }
+            | ApiRequest::Stop { .. }
+            | ApiRequest::Call { .. }) => self.domain_call(subject, call, now).await,
         }
     }
 
@@ -806,6 +843,11 @@ impl Node {
                     resources,
                     cert_not_after,
                     raft,
+                    labels: n
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 }
             })
             .collect()

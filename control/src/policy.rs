@@ -23,6 +23,7 @@ pub fn requirement(caller: &Subject, call: &ApiRequest) -> Requirement {
         ApiRequest::Status => Requirement::Authenticated,
         ApiRequest::Nodes => r(Right::Read, "/nodes".into()),
         ApiRequest::NodeRemove { id } => r(Right::Write, format!("/nodes/{id}")),
+        ApiRequest::NodeLabel { node, .. } => r(Right::Write, format!("/nodes/{node}")),
         ApiRequest::TokenCreate { .. } => r(Right::Write, "/tokens".into()),
         ApiRequest::TokenList => r(Right::Read, "/tokens".into()),
         ApiRequest::TokenRevoke { id } => r(Right::Write, format!("/tokens/{id}")),
@@ -42,6 +43,35 @@ pub fn requirement(caller: &Subject, call: &ApiRequest) -> Requirement {
         ApiRequest::KvPut { key, .. } => r(Right::Write, Registry::kv_resource(key)),
         ApiRequest::KvGet { key } => r(Right::Read, Registry::kv_resource(key)),
         ApiRequest::Heartbeat(_) | ApiRequest::Renew { .. } => Requirement::NodeOnly,
+        ApiRequest::VendorAdd { name, .. } | ApiRequest::VendorRemove { name } => {
+            r(Right::Write, format!("/vendors/{name}"))
+        }
+        ApiRequest::Vendors => r(Right::Read, "/vendors".into()),
+        ApiRequest::ImagePush { manifest, .. } => {
+            r(Right::Write, format!("/images/{}", manifest.manifest.name))
+        }
+        ApiRequest::Images => r(Right::Read, "/images".into()),
+        // What the domain may then do comes from the caller's other `run`
+        // grants (`/log`, `/clock`, `/channels/...`), intersected with the
+        // manifest.
+        ApiRequest::Run(spec) => r(Right::Run, format!("/images/{}", spec.image)),
+        // Everyone sees and operates their own domains; the node checks
+        // ownership, or a right on `/domains/<name>` (see [`domain_right`]).
+        ApiRequest::Ps
+        | ApiRequest::Logs { .. }
+        | ApiRequest::Stop { .. }
+        | ApiRequest::Call { .. } => Requirement::Authenticated,
+    }
+}
+
+/// The right a caller who did not launch domain `name` needs on
+/// `/domains/<name>` for `call` (`None`: the call is not about one domain).
+pub fn domain_right(call: &ApiRequest) -> Option<(Right, &str)> {
+    match call {
+        ApiRequest::Ps => None,
+        ApiRequest::Logs { name, .. } => Some((Right::Read, name)),
+        ApiRequest::Stop { name } | ApiRequest::Call { name, .. } => Some((Right::Write, name)),
+        _ => None,
     }
 }
 

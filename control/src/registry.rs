@@ -14,11 +14,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use metta_proto::{
-    ApiError, GrantId, GrantInfo, NodeId, NodeKind, NodeResources, Role, SignedGrant, Subject,
-    TokenInfo, TokenRejection, UserInfo,
+    ApiError, CapSet, Contract, GrantId, GrantInfo, ImageInfo, NodeId, NodeKind, NodeResources,
+    Role, SignedGrant, SignedManifest, Subject, TokenInfo, TokenRejection, UserInfo, VendorInfo,
 };
 use metta_trust::{
     grants::{grant_id, verify_grant, GrantView},
+    image::{verify_image, VendorSet},
     RevocationList, TokenRecord, UnixTime,
 };
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,8 @@ pub struct NodeRecord {
     pub cert_not_after: UnixTime,
     /// When it was admitted.
     pub joined_at: UnixTime,
+    /// Operator labels (`mettactl nodes label`), matched by `run --label`.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A user holding a client config.
@@ -64,6 +67,45 @@ pub struct GrantRecord {
     pub signed: SignedGrant,
     /// Revoked.
     pub revoked: bool,
+}
+
+/// A stored image: the signed manifest; the module is in
+/// [`Registry::blobs`] under the manifest's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The vendor-signed manifest.
+    pub signed: SignedManifest,
+    /// Who pushed it.
+    pub pushed_by: Subject,
+    /// Module size in bytes.
+    pub size: u64,
+}
+
+/// A domain placed on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRecord {
+    /// Name (unique in the cluster).
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// Image version at launch.
+    pub version: String,
+    /// The module it runs (a key of [`Registry::blobs`]).
+    pub module_hash: [u8; 32],
+    /// Node.
+    pub node: NodeId,
+    /// CPU lane on the node.
+    pub lane: u32,
+    /// Contract.
+    pub contract: Contract,
+    /// What it may use: policy(user, vendor), fixed at launch.
+    pub caps: CapSet,
+    /// Who launched it.
+    pub owner: Subject,
+    /// Incarnation, assigned at apply time from [`Registry::next_epoch`].
+    pub epoch: u64,
+    /// When it was launched.
+    pub created_at: UnixTime,
 }
 
 /// A node's details when it is admitted (the id is allocated by the registry).
@@ -132,6 +174,15 @@ pub enum Command {
         /// New address.
         addr: String,
     },
+    /// Set (`Some`) or remove (`None`) a node's label.
+    NodeLabel {
+        /// Node.
+        id: NodeId,
+        /// Label key.
+        key: String,
+        /// Value.
+        value: Option<String>,
+    },
     /// Remove a node and revoke its identity.
     NodeRemove {
         /// Node.
@@ -160,6 +211,37 @@ pub enum Command {
         /// Value.
         value: Vec<u8>,
     },
+    /// Trust a vendor's image-signing key (replacing any older key).
+    VendorAdd {
+        /// Vendor name.
+        name: String,
+        /// Public key (SPKI DER).
+        spki_der: Vec<u8>,
+    },
+    /// Stop trusting a vendor.
+    VendorRemove {
+        /// Vendor name.
+        name: String,
+    },
+    /// Store an image after verifying it against the trusted vendors, here,
+    /// in log order (a vendor removed just before is not trusted).
+    ImagePut {
+        /// The signed manifest.
+        signed: SignedManifest,
+        /// The module.
+        wasm: Vec<u8>,
+        /// Who pushed it.
+        pushed_by: Subject,
+    },
+    /// Place a domain (its `epoch` is assigned here). Admission is checked
+    /// again against the node's recorded hardware, so a placement computed
+    /// on a stale view never overcommits a lane.
+    DomainCreate(DomainRecord),
+    /// Remove a domain.
+    DomainRemove {
+        /// Name.
+        name: String,
+    },
     /// Several commands in one log entry (group commit), applied in order,
     /// each on its own: one refused command does not affect the others.
     Batch(Vec<Command>),
@@ -175,6 +257,8 @@ pub enum Applied {
     Admitted(NodeId),
     /// A grant was stored under this id.
     Granted(GrantId),
+    /// A domain was placed with this epoch.
+    Placed(u64),
     /// The command was refused; nothing changed.
     Refused(ApiError),
     /// One result per command of a [`Command::Batch`].
@@ -204,6 +288,17 @@ pub struct Registry {
     pub revoked: RevocationList,
     /// The general key space.
     pub kv: BTreeMap<String, Vec<u8>>,
+    /// Vendors whose signed images this cluster runs.
+    pub vendors: VendorSet,
+    /// Images by name (the latest pushed version).
+    pub images: BTreeMap<String, ImageRecord>,
+    /// Modules by blake3 hash: content-addressed, kept while an image or a
+    /// domain refers to them.
+    pub blobs: BTreeMap<[u8; 32], Vec<u8>>,
+    /// Domains by name.
+    pub domains: BTreeMap<String, DomainRecord>,
+    /// The next domain epoch.
+    pub next_epoch: u64,
 }
 
 fn refuse(e: ApiError) -> Applied {
@@ -241,6 +336,7 @@ impl Registry {
                         spki_der: node.spki_der.clone(),
                         cert_not_after: *node_cert_not_after,
                         joined_at: *now,
+                        labels: BTreeMap::new(),
                     },
                 );
                 self.next_node_id = 2;
@@ -295,6 +391,7 @@ impl Registry {
                         spki_der: node.spki_der.clone(),
                         cert_not_after: 0,
                         joined_at: *now,
+                        labels: BTreeMap::new(),
                     },
                 );
                 Applied::Admitted(id)
@@ -313,11 +410,22 @@ impl Registry {
                 }
                 None => refuse(ApiError::NotFound(format!("node/{id}"))),
             },
+            Command::NodeLabel { id, key, value } => match self.nodes.get_mut(id) {
+                Some(n) => {
+                    match value {
+                        Some(v) => n.labels.insert(key.clone(), v.clone()),
+                        None => n.labels.remove(key),
+                    };
+                    Applied::Done
+                }
+                None => refuse(ApiError::NotFound(format!("node/{id}"))),
+            },
             Command::NodeRemove { id } => {
                 if self.nodes.remove(id).is_none() {
                     return refuse(ApiError::NotFound(format!("node/{id}")));
                 }
                 self.revoked.revoke_subject(Subject::Node(*id));
+                self.drop_domains_of(*id);
                 Applied::Done
             }
             Command::UserAdd(user) => {
@@ -373,12 +481,68 @@ impl Registry {
                 }
                 if let Subject::Node(id) = subject {
                     self.nodes.remove(id);
+                    self.drop_domains_of(*id);
                 }
                 self.revoked.revoke_subject(subject.clone());
                 Applied::Done
             }
             Command::KvPut { key, value } => {
                 self.kv.insert(key.clone(), value.clone());
+                Applied::Done
+            }
+            Command::VendorAdd { name, spki_der } => {
+                let mut vendors = self.vendors.clone();
+                match vendors.add(name, spki_der.clone()) {
+                    Ok(_) => {
+                        self.vendors = vendors;
+                        Applied::Done
+                    }
+                    Err(e) => refuse(ApiError::InvalidArgument(e.to_string())),
+                }
+            }
+            Command::VendorRemove { name } => match self.vendors.remove(name) {
+                Some(_) => Applied::Done,
+                None => refuse(ApiError::NotFound(format!("vendor {name}"))),
+            },
+            Command::ImagePut {
+                signed,
+                wasm,
+                pushed_by,
+            } => {
+                let verified = match verify_image(signed, wasm, &self.vendors) {
+                    Ok(v) => v,
+                    Err(e) => return refuse(ApiError::ImageRejected(e.to_string())),
+                };
+                let hash = verified.module_hash();
+                let name = verified.manifest().name.clone();
+                self.blobs.entry(hash).or_insert_with(|| wasm.clone());
+                self.images.insert(
+                    name,
+                    ImageRecord {
+                        signed: signed.clone(),
+                        pushed_by: pushed_by.clone(),
+                        size: wasm.len() as u64,
+                    },
+                );
+                self.collect_blobs();
+                Applied::Done
+            }
+            Command::DomainCreate(rec) => {
+                if let Err(e) = self.admissible(rec) {
+                    return refuse(e);
+                }
+                let epoch = self.next_epoch.max(1);
+                self.next_epoch = epoch + 1;
+                let mut rec = rec.clone();
+                rec.epoch = epoch;
+                self.domains.insert(rec.name.clone(), rec);
+                Applied::Placed(epoch)
+            }
+            Command::DomainRemove { name } => {
+                if self.domains.remove(name).is_none() {
+                    return refuse(ApiError::NotFound(format!("domain {name}")));
+                }
+                self.collect_blobs();
                 Applied::Done
             }
             Command::Batch(cmds) => Applied::Batch(
@@ -391,6 +555,140 @@ impl Registry {
                     })
                     .collect(),
             ),
+        }
+    }
+
+    /// Whether `rec` may be placed: a new name, a known node and module, and
+    /// room for its contract on its lane and node.
+    fn admissible(&self, rec: &DomainRecord) -> Result<(), ApiError> {
+        if self.domains.contains_key(&rec.name) {
+            return Err(ApiError::AlreadyExists(format!("domain {}", rec.name)));
+        }
+        rec.contract
+            .validate()
+            .map_err(|e| ApiError::InvalidArgument(format!("contract: {e}")))?;
+        let node = self
+            .nodes
+            .get(&rec.node)
+            .ok_or_else(|| ApiError::NotFound(format!("node/{}", rec.node)))?;
+        if !self.blobs.contains_key(&rec.module_hash) {
+            return Err(ApiError::NotFound(format!(
+                "module {}",
+                hex::encode(rec.module_hash)
+            )));
+        }
+        if rec.lane >= node.resources.cpus.max(1) {
+            return Err(ApiError::InvalidArgument(format!(
+                "node {} has no CPU lane {}",
+                node.name, rec.lane
+            )));
+        }
+        let (lane_ppm, memory) = self.domains.values().filter(|d| d.node == rec.node).fold(
+            (0u64, 0u64),
+            |(ppm, mem), d| {
+                let on_lane = if d.lane == rec.lane {
+                    metta_scheduler::demand_ppm(&d.contract)
+                } else {
+                    0
+                };
+                (ppm + on_lane, mem + d.contract.memory)
+            },
+        );
+        let usable =
+            node.resources
+                .memory_bytes
+                .saturating_sub(metta_scheduler::default_memory_reserve(
+                    node.resources.memory_bytes,
+                ));
+        if lane_ppm + metta_scheduler::demand_ppm(&rec.contract)
+            > metta_scheduler::LANE_CAPACITY_PPM
+            || memory + rec.contract.memory > usable
+        {
+            return Err(ApiError::Unplaceable {
+                reason: format!(
+                    "node {} can no longer admit {} on lane {} (placed concurrently); retry",
+                    node.name, rec.contract, rec.lane
+                ),
+                offer: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Domains on a node that left go with it.
+    fn drop_domains_of(&mut self, node: NodeId) {
+        self.domains.retain(|_, d| d.node != node);
+        self.collect_blobs();
+    }
+
+    /// Drops modules no image or domain refers to.
+    fn collect_blobs(&mut self) {
+        let live: BTreeSet<[u8; 32]> = self
+            .images
+            .values()
+            .map(|i| i.signed.manifest.module_hash)
+            .chain(self.domains.values().map(|d| d.module_hash))
+            .collect();
+        self.blobs.retain(|h, _| live.contains(h));
+    }
+
+    /// The domain that serves channel `name` for a message from domain
+    /// `from`: among the others, the one whose capability covers the name
+    /// with the longest prefix (ties: the first by name). Channels are
+    /// addressed to domains; where the domain runs does not matter.
+    pub fn route(&self, from: &str, name: &str) -> Option<&DomainRecord> {
+        self.domains
+            .values()
+            .filter(|d| d.name != from)
+            .filter_map(|d| {
+                let best = d
+                    .caps
+                    .channels
+                    .iter()
+                    .filter(|p| {
+                        CapSet {
+                            log: false,
+                            clock: false,
+                            channels: vec![(*p).clone()],
+                        }
+                        .may_open(name)
+                    })
+                    .map(String::len)
+                    .max()?;
+                Some((best, d))
+            })
+            .fold(
+                None,
+                |best: Option<(usize, &DomainRecord)>, (len, d)| match best {
+                    Some((l, _)) if l >= len => best,
+                    _ => Some((len, d)),
+                },
+            )
+            .map(|(_, d)| d)
+    }
+
+    /// The trusted vendors, as listed.
+    pub fn vendor_infos(&self) -> Vec<VendorInfo> {
+        self.vendors
+            .iter()
+            .map(|(name, key)| VendorInfo {
+                name: name.to_string(),
+                key_id: blake3::hash(key).to_hex().to_string(),
+            })
+            .collect()
+    }
+
+    /// An image, as listed.
+    pub fn image_info(&self, rec: &ImageRecord) -> ImageInfo {
+        let m = &rec.signed.manifest;
+        ImageInfo {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            vendor: m.vendor.clone(),
+            module_hash: hex::encode(m.module_hash),
+            size: rec.size,
+            capabilities: m.capabilities.clone(),
+            pushed_by: rec.pushed_by.clone(),
         }
     }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::grant::{GrantId, Rights, SignedGrant};
 use crate::ids::{NodeId, NodeKind, Role, Subject};
+use crate::image::{CapSet, Capability, SignedManifest};
+use crate::qos::Contract;
 
 /// A request frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +33,99 @@ pub enum Request {
     },
     /// Raft traffic between members (postcard-encoded openraft messages).
     Raft(RaftRpc),
+    /// A node asking another about the domains it runs (nodes only). The
+    /// sender has already authorized the user call this serves, if any.
+    Node(NodeCall),
+}
+
+/// Calls between nodes about the domains a node runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeCall {
+    /// The runtime state of every domain the node runs.
+    Stats,
+    /// A domain's log lines after sequence number `after`.
+    Logs {
+        /// Domain.
+        name: String,
+        /// Last sequence number already seen (0: from the start).
+        after: u64,
+    },
+    /// Send `payload` to a domain's channel and wait for its answer.
+    Call {
+        /// Domain.
+        name: String,
+        /// Channel name.
+        channel: String,
+        /// Request bytes.
+        payload: Vec<u8>,
+        /// How long to wait for the answer.
+        timeout_ms: u32,
+    },
+    /// Wait until the domain has completed its first activation.
+    WaitStarted {
+        /// Domain.
+        name: String,
+        /// The epoch expected (an older incarnation does not count).
+        epoch: u64,
+        /// How long to wait.
+        timeout_ms: u32,
+    },
+    /// Messages from domains on the sending node to domains on this one,
+    /// in the order they were sent.
+    Deliver(Vec<Envelope>),
+    /// An answer to a message that carried a [`ReplyRef`] of this node.
+    Answer {
+        /// The reply token from the [`ReplyRef`].
+        token: u64,
+        /// The lane from the [`ReplyRef`].
+        lane: u32,
+        /// The answer.
+        payload: Vec<u8>,
+    },
+}
+
+/// One message between domains on different nodes (or lanes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sending domain.
+    pub from: String,
+    /// The receiving domain.
+    pub to: String,
+    /// Channel name.
+    pub channel: String,
+    /// Bytes.
+    pub payload: Vec<u8>,
+    /// Where an answer goes (`None`: answers are dropped).
+    pub reply: Option<ReplyRef>,
+}
+
+/// Where the answer to an [`Envelope`] is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyRef {
+    /// Node of the sender.
+    pub node: NodeId,
+    /// Its lane there.
+    pub lane: u32,
+    /// Token minted by that lane's driver.
+    pub token: u64,
+}
+
+/// How to run a domain (`mettactl run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The domain's name (unique in the cluster; `check_name` rules).
+    pub name: String,
+    /// Image name.
+    pub image: String,
+    /// The contract asked for.
+    pub contract: Contract,
+    /// Pin to this node (name or id).
+    pub node: Option<String>,
+    /// Only nodes carrying these labels.
+    pub labels: Vec<(String, String)>,
+    /// If the contract cannot be admitted anywhere, take the best
+    /// counter-offer instead of failing.
+    pub accept_offer: bool,
 }
 
 /// Raft RPCs; the payloads are the encoded openraft request types.
@@ -106,6 +201,15 @@ pub enum ApiRequest {
         /// The node.
         id: NodeId,
     },
+    /// Set or remove a node label (`key=value`, or `key-` to remove).
+    NodeLabel {
+        /// Node name or id.
+        node: String,
+        /// Key.
+        key: String,
+        /// Value (`None`: remove).
+        value: Option<String>,
+    },
     /// Create a join token.
     TokenCreate {
         /// Role granted to whoever joins with it.
@@ -164,6 +268,156 @@ pub enum ApiRequest {
         /// CSR (PEM) for the node's current key.
         csr_pem: String,
     },
+    /// Trust a vendor's key for signing images.
+    VendorAdd {
+        /// Vendor name, as manifests name it.
+        name: String,
+        /// Its public key (SPKI DER, P-256).
+        spki_der: Vec<u8>,
+    },
+    /// Stop trusting a vendor (images already pushed stay; new pushes and
+    /// runs of its images are refused).
+    VendorRemove {
+        /// Vendor name.
+        name: String,
+    },
+    /// List trusted vendors.
+    Vendors,
+    /// Store an image: a signed manifest and the module it names.
+    ImagePush {
+        /// The vendor-signed manifest.
+        manifest: SignedManifest,
+        /// The wasm module.
+        wasm: Vec<u8>,
+    },
+    /// List images.
+    Images,
+    /// Place and start a domain.
+    Run(RunSpec),
+    /// List domains with their runtime state.
+    Ps,
+    /// A domain's log lines after sequence number `after`.
+    Logs {
+        /// Domain.
+        name: String,
+        /// Last sequence number already seen (0: from the start).
+        after: u64,
+    },
+    /// Stop a domain and free its share.
+    Stop {
+        /// Domain.
+        name: String,
+    },
+    /// Send a request to a domain's channel and wait for its answer.
+    Call {
+        /// Domain.
+        name: String,
+        /// Channel (`None`: the domain's first channel capability).
+        channel: Option<String>,
+        /// Request bytes.
+        payload: Vec<u8>,
+        /// How long to wait for the answer.
+        timeout_ms: u32,
+    },
+}
+
+/// A trusted vendor as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorInfo {
+    /// Name.
+    pub name: String,
+    /// blake3 of its SPKI DER (hex), to compare with the vendor's own.
+    pub key_id: String,
+}
+
+/// An image as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Vendor.
+    pub vendor: String,
+    /// blake3 of the module (hex): where it is stored.
+    pub module_hash: String,
+    /// Module size in bytes.
+    pub size: u64,
+    /// What the vendor says the code may use.
+    pub capabilities: Vec<Capability>,
+    /// Who pushed it.
+    pub pushed_by: Subject,
+}
+
+/// What a node reports about one domain it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRuntime {
+    /// Domain.
+    pub name: String,
+    /// Incarnation.
+    pub epoch: u64,
+    /// `running`, `waiting`, `failed: <why>`, `starting`, `start failed: <why>`.
+    pub state: String,
+    /// CPU charged to it since it started, ns.
+    pub cpu_ns: u64,
+    /// CPU delivered over its recent complete periods as parts per million
+    /// of its slice (1,000,000 = exactly the contract; more with `extra`).
+    pub delivered_ppm: Option<u64>,
+    /// Activations so far.
+    pub activations: u64,
+    /// Linear memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Spawn to end of first activation, µs.
+    pub start_us: Option<u64>,
+    /// Complete periods in the node's record (a ring) behind the next two.
+    pub periods: u32,
+    /// 5th percentile of CPU delivered per period, ppm of the slice (the
+    /// guarantee holds if this is near 1,000,000; domains that wait for
+    /// messages use less than they may).
+    pub delivered_p5_ppm: Option<u64>,
+    /// 99th percentile of the activation latency per period (period start
+    /// to its first activation), µs.
+    pub latency_p99_us: Option<u64>,
+    /// Messages it sent that could not be delivered.
+    pub undelivered: u64,
+}
+
+/// A row of `mettactl ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainStatus {
+    /// Name.
+    pub name: String,
+    /// Image name and version.
+    pub image: String,
+    /// blake3 of the module (hex).
+    pub module_hash: String,
+    /// Node it is placed on.
+    pub node: NodeId,
+    /// That node's name.
+    pub node_name: String,
+    /// CPU lane on that node.
+    pub lane: u32,
+    /// Its contract.
+    pub contract: Contract,
+    /// What it may use: policy(user, vendor).
+    pub caps: CapSet,
+    /// Who started it.
+    pub owner: Subject,
+    /// Incarnation (grows with every restart or move).
+    pub epoch: u64,
+    /// What its node reports (`None`: the node did not answer).
+    pub runtime: Option<DomainRuntime>,
+}
+
+/// Log lines of a domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLines {
+    /// `(sequence number, text)`, oldest first.
+    pub lines: Vec<(u64, String)>,
+    /// Pass as `after` to get the lines that follow.
+    pub next: u64,
+    /// Lines lost between `after` and the first line (the node keeps a ring).
+    pub dropped: u64,
 }
 
 /// A node's periodic liveness report.
@@ -224,6 +478,8 @@ pub struct NodeStatus {
     pub cert_not_after: u64,
     /// Raft role.
     pub raft: RaftRole,
+    /// Operator labels.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A token as listed (no secret).
@@ -321,6 +577,18 @@ pub enum Reply {
     Grants(Vec<GrantInfo>),
     /// A key's value (`None`: absent).
     Value(Option<Vec<u8>>),
+    /// Vendor list.
+    Vendors(Vec<VendorInfo>),
+    /// Image list (or the one image pushed).
+    Images(Vec<ImageInfo>),
+    /// Domain list (or the one domain started).
+    Domains(Vec<DomainStatus>),
+    /// What a node reports about its domains.
+    Runtime(Vec<DomainRuntime>),
+    /// Log lines.
+    Logs(LogLines),
+    /// A domain's answer.
+    Answer(Vec<u8>),
 }
 
 /// Why a join token was refused.
@@ -379,6 +647,28 @@ pub enum ApiError {
     Unavailable(String),
     /// An internal failure of the answering node.
     Internal(String),
+    /// An image was refused (unsigned, tampered, unknown vendor, bad module).
+    ImageRejected(String),
+    /// No node can run the domain as asked.
+    Unplaceable {
+        /// Why (the scheduler's explanation).
+        reason: String,
+        /// The best contract some node can admit instead.
+        offer: Option<CounterOffer>,
+    },
+    /// The domain's node could not start or reach it.
+    Domain(String),
+}
+
+/// The best contract the scheduler can admit when the one asked for cannot be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterOffer {
+    /// Node.
+    pub node: NodeId,
+    /// Its name.
+    pub node_name: String,
+    /// The contract it can admit.
+    pub contract: Contract,
 }
 
 impl fmt::Display for ApiError {
@@ -402,6 +692,9 @@ impl fmt::Display for ApiError {
             ApiError::GrantRejected(s) => write!(f, "grant rejected: {s}"),
             ApiError::Unavailable(s) => write!(f, "unavailable: {s}"),
             ApiError::Internal(s) => write!(f, "internal error: {s}"),
+            ApiError::ImageRejected(s) => write!(f, "image rejected: {s}"),
+            ApiError::Unplaceable { reason, .. } => f.write_str(reason),
+            ApiError::Domain(s) => write!(f, "domain: {s}"),
         }
     }
 }

@@ -14,8 +14,12 @@ use metta_proto::{ApiError, ApiRequest, Grant, Reply, Rights, Role, Subject};
 use metta_trust::NodeKey;
 use serde_json::json;
 
+#[path = "mettactl/domains.rs"]
+mod domains;
+use domains::{ImageCmd, RunArgs, VendorCmd};
+
 /// Drive a Metta cluster: create it, join machines, see nodes, manage tokens,
-/// users and grants.
+/// users and grants; sign and push images, run domains and operate them.
 ///
 /// Credentials come from a client config file (`--config`, `$METTA_CONFIG`, or
 /// `~/.metta/config`), written by `mettactl init` for the admin and by
@@ -163,6 +167,57 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KvCmd,
     },
+    /// Image-signing vendors: make a key, trust a vendor, list, remove.
+    Vendor {
+        #[command(subcommand)]
+        cmd: VendorCmd,
+    },
+    /// Domain images: sign, push (content-addressed), list.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Run a domain: the scheduler places it on a node that can admit its
+    /// contract, or answers with a counter-offer.
+    ///
+    /// The domain may use what both you and the image's vendor allow: your
+    /// `run` grants on /log, /clock and /channels/<prefix> intersected with
+    /// the manifest's capabilities.
+    ///
+    /// Example: mettactl run counter --name c1 --cpu 10ms/100ms --memory 64MiB
+    Run(RunArgs),
+    /// List domains: node, contract, CPU delivered over the last periods as a
+    /// share of the contract, memory, state, epoch.
+    Ps,
+    /// A domain's log lines (and the nucleus's notes about it, such as
+    /// denied calls).
+    Logs {
+        /// Domain.
+        name: String,
+        /// Keep printing new lines.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Stop a domain and free its share.
+    Stop {
+        /// Domain.
+        name: String,
+    },
+    /// Send a message to a domain's channel and print its answer:
+    /// `mettactl call c1 incr`.
+    Call {
+        /// Domain.
+        name: String,
+        /// The message (words are joined with spaces).
+        #[arg(required = true, trailing_var_arg = true)]
+        message: Vec<String>,
+        /// Channel (default: the domain's first channel).
+        #[arg(long)]
+        channel: Option<String>,
+        /// How long to wait for the answer, e.g. 5s.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +228,15 @@ enum NodesCmd {
     Rm {
         /// Node id.
         id: u64,
+    },
+    /// Label a node (`zone=attic`) or remove a label (`zone-`); `run
+    /// --label` places domains by them.
+    Label {
+        /// Node name or id.
+        node: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true)]
+        labels: Vec<String>,
     },
 }
 
@@ -447,6 +511,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                         "arch": n.resources.arch,
                                         "cert_not_after": n.cert_not_after,
                                         "raft": n.raft.to_string(),
+                                        "labels": n.labels.iter().cloned()
+                                            .collect::<std::collections::BTreeMap<_, _>>(),
                                     })
                                 })
                                 .collect(),
@@ -478,12 +544,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 fmt_time(n.cert_not_after),
                                 n.raft
                             );
+                            if !n.labels.is_empty() {
+                                let ls: Vec<String> =
+                                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                                println!("     labels: {}", ls.join(" "));
+                            }
                         }
                     }
                 }
                 Some(NodesCmd::Rm { id }) => {
                     call(&c, ApiRequest::NodeRemove { id: *id }).await?;
                     eprintln!("node/{id} removed and its identity revoked");
+                }
+                Some(NodesCmd::Label { node, labels }) => {
+                    for l in labels {
+                        let (key, value) = match (l.split_once('='), l.strip_suffix('-')) {
+                            (Some((k, v)), _) => (k.to_string(), Some(v.to_string())),
+                            (None, Some(k)) => (k.to_string(), None),
+                            (None, None) => bail!("label {l:?}: use key=value or key-"),
+                        };
+                        call(
+                            &c,
+                            ApiRequest::NodeLabel {
+                                node: node.clone(),
+                                key,
+                                value,
+                            },
+                        )
+                        .await?;
+                    }
+                    eprintln!("node {node} labelled");
                 }
             }
             Ok(())
@@ -722,6 +812,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Vendor { cmd } => {
+            let c = match cmd {
+                VendorCmd::Keygen { .. } => None,
+                _ => Some(client(&cli)?),
+            };
+            domains::vendor(c.as_ref(), cmd, cli.output).await
+        }
+        Cmd::Image { cmd } => {
+            let c = match cmd {
+                ImageCmd::Sign { .. } => None,
+                _ => Some(client(&cli)?),
+            };
+            domains::image(c.as_ref(), cmd, cli.output).await
+        }
+        Cmd::Run(args) => domains::run(&client(&cli)?, args, cli.output).await,
+        Cmd::Ps => domains::ps(&client(&cli)?, cli.output).await,
+        Cmd::Logs { name, follow } => {
+            domains::logs(&client(&cli)?, name, *follow, cli.output).await
+        }
+        Cmd::Stop { name } => domains::stop(&client(&cli)?, name).await,
+        Cmd::Call {
+            name,
+            message,
+            channel,
+            timeout,
+        } => {
+            domains::call_domain(
+                &client(&cli)?,
+                name,
+                message,
+                channel.as_deref(),
+                *timeout,
+                cli.output,
+            )
+            .await
+        }
         Cmd::Kv { cmd } => {
             let c = client(&cli)?;
             match cmd {
@@ -911,5 +1037,16 @@ async fn start_node(
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }
