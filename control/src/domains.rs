@@ -585,6 +585,13 @@ impl Domains {
                             as u64
                     })
                     .collect();
+                let mut real: Vec<u64> = all
+                    .iter()
+                    .map(|p| {
+                        (p.cpu_ns_real as u128 * 1_000_000 / s.contract.slice_ns.max(1) as u128)
+                            as u64
+                    })
+                    .collect();
                 let mut latencies: Vec<u64> = all
                     .iter()
                     .filter(|p| p.activations > 0)
@@ -614,6 +621,7 @@ impl Domains {
                     undelivered: s.undelivered,
                     periods: all.len() as u32,
                     delivered_p5_ppm: percentile(&mut shares, 5),
+                    real_p5_ppm: percentile(&mut real, 5),
                     latency_p99_us: percentile(&mut latencies, 99),
                 });
             }
@@ -631,6 +639,7 @@ impl Domains {
                 undelivered: 0,
                 periods: 0,
                 delivered_p5_ppm: None,
+                real_p5_ppm: None,
                 latency_p99_us: None,
             });
         }

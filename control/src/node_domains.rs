@@ -375,6 +375,7 @@ impl Node {
             undelivered: 0,
             periods: 0,
             delivered_p5_ppm: None,
+            real_p5_ppm: None,
             latency_p99_us: None,
         });
         Ok(Reply::Domains(vec![status]))

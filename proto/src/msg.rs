@@ -375,6 +375,9 @@ pub struct DomainRuntime {
     /// guarantee holds if this is near 1,000,000; domains that wait for
     /// messages use less than they may).
     pub delivered_p5_ppm: Option<u64>,
+    /// The same, measured as wall time of its activations instead of the
+    /// fuel-metered charge.
+    pub real_p5_ppm: Option<u64>,
     /// 99th percentile of the activation latency per period (period start
     /// to its first activation), µs.
     pub latency_p99_us: Option<u64>,

@@ -487,6 +487,7 @@ fn status_json(d: &DomainStatus) -> serde_json::Value {
         "undelivered": rt.map(|r| r.undelivered),
         "periods": rt.map(|r| r.periods),
         "delivered_p5_ppm": rt.and_then(|r| r.delivered_p5_ppm),
+        "real_p5_ppm": rt.and_then(|r| r.real_p5_ppm),
         "latency_p99_us": rt.and_then(|r| r.latency_p99_us),
     })
 }
