@@ -174,15 +174,6 @@ pub enum Command {
         /// New address.
         addr: String,
     },
-    /// Set (`Some`) or remove (`None`) a node's label.
-    NodeLabel {
-        /// Node.
-        id: NodeId,
-        /// Label key.
-        key: String,
-        /// Value.
-        value: Option<String>,
-    },
     /// Remove a node and revoke its identity.
     NodeRemove {
         /// Node.
@@ -210,6 +201,20 @@ pub enum Command {
         key: String,
         /// Value.
         value: Vec<u8>,
+    },
+    /// Several commands in one log entry (group commit), applied in order,
+    /// each on its own: one refused command does not affect the others.
+    Batch(Vec<Command>),
+    // New variants go last: log entries are postcard, which encodes the
+    // variant index.
+    /// Set (`Some`) or remove (`None`) a node's label.
+    NodeLabel {
+        /// Node.
+        id: NodeId,
+        /// Label key.
+        key: String,
+        /// Value.
+        value: Option<String>,
     },
     /// Trust a vendor's image-signing key (replacing any older key).
     VendorAdd {
@@ -242,9 +247,6 @@ pub enum Command {
         /// Name.
         name: String,
     },
-    /// Several commands in one log entry (group commit), applied in order,
-    /// each on its own: one refused command does not affect the others.
-    Batch(Vec<Command>),
 }
 
 /// What applying a command produced (the Raft response type).
@@ -873,6 +875,203 @@ mod tests {
             node: admission(name),
             now,
         }
+    }
+
+    fn signed(vendor: &NodeKey, name: &str, wasm: &[u8], caps: &[&str]) -> SignedManifest {
+        metta_trust::image::sign_manifest(
+            metta_proto::Manifest {
+                name: name.into(),
+                version: "1.0.0".into(),
+                vendor: "acme".into(),
+                module_hash: metta_trust::image::module_hash(wasm),
+                capabilities: caps.iter().map(|c| c.parse().unwrap()).collect(),
+            },
+            vendor,
+        )
+    }
+
+    /// A registry with vendor acme trusted, node 1 with one CPU and 8 GiB,
+    /// and image `img` (module `wasm`) stored.
+    fn with_image(admin: &NodeKey, vendor: &NodeKey, wasm: &[u8]) -> Registry {
+        let mut r = bootstrapped(admin);
+        let n1 = r.nodes.get_mut(&1).unwrap();
+        n1.resources = NodeResources {
+            cpus: 1,
+            memory_bytes: 8 << 30,
+            arch: "x86_64".into(),
+        };
+        assert_eq!(
+            r.apply(&Command::VendorAdd {
+                name: "acme".into(),
+                spki_der: vendor.public_key_der(),
+            }),
+            Applied::Done
+        );
+        assert_eq!(
+            r.apply(&Command::ImagePut {
+                signed: signed(vendor, "img", wasm, &["channel:/svc"]),
+                wasm: wasm.to_vec(),
+                pushed_by: Subject::User("admin".into()),
+            }),
+            Applied::Done
+        );
+        r
+    }
+
+    fn domain(name: &str, hash: [u8; 32], lane: u32, cpu: &str, channels: &[&str]) -> DomainRecord {
+        DomainRecord {
+            name: name.into(),
+            image: "img".into(),
+            version: "1".into(),
+            module_hash: hash,
+            node: 1,
+            lane,
+            contract: cpu.parse().unwrap(),
+            caps: CapSet {
+                log: true,
+                clock: true,
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            },
+            owner: Subject::User("admin".into()),
+            epoch: 0,
+            created_at: T0,
+        }
+    }
+
+    #[test]
+    fn images_are_verified_at_apply_time_and_refusals_change_nothing() {
+        let (admin, acme, mallory) = (
+            NodeKey::generate().unwrap(),
+            NodeKey::generate().unwrap(),
+            NodeKey::generate().unwrap(),
+        );
+        let wasm = b"module bytes".to_vec();
+        let mut r = with_image(&admin, &acme, &wasm);
+        let hash = metta_trust::image::module_hash(&wasm);
+        assert_eq!(r.blobs.get(&hash), Some(&wasm));
+        let before = r.clone();
+        let put = |signed: SignedManifest, wasm: &[u8]| Command::ImagePut {
+            signed,
+            wasm: wasm.to_vec(),
+            pushed_by: Subject::User("admin".into()),
+        };
+        // Another key claiming to be acme; a module that is not the signed one.
+        for cmd in [
+            put(signed(&mallory, "evil", &wasm, &[]), &wasm),
+            put(signed(&acme, "evil", &wasm, &[]), b"other bytes"),
+        ] {
+            assert!(matches!(
+                r.apply(&cmd),
+                Applied::Refused(ApiError::ImageRejected(_))
+            ));
+            assert_eq!(r, before);
+        }
+        // Once acme is no longer trusted, its images are refused in log order.
+        r.apply(&Command::VendorRemove {
+            name: "acme".into(),
+        });
+        let cmd = put(signed(&acme, "img2", &wasm, &[]), &wasm);
+        assert!(matches!(
+            r.apply(&cmd),
+            Applied::Refused(ApiError::ImageRejected(_))
+        ));
+        assert!(!r.images.contains_key("img2"));
+    }
+
+    #[test]
+    fn placement_is_rechecked_at_apply_time() {
+        let (admin, acme) = (NodeKey::generate().unwrap(), NodeKey::generate().unwrap());
+        let wasm = b"module bytes".to_vec();
+        let mut r = with_image(&admin, &acme, &wasm);
+        let hash = metta_trust::image::module_hash(&wasm);
+        assert_eq!(
+            r.apply(&Command::DomainCreate(domain(
+                "a",
+                hash,
+                0,
+                "90ms/100ms",
+                &[]
+            ))),
+            Applied::Placed(1)
+        );
+        assert_eq!(r.domains["a"].epoch, 1);
+        let before = r.clone();
+        // Two placements computed on the same stale view: the second finds
+        // the lane full (90 % + 10 % > 95 %).
+        for (name, lane, cpu) in [
+            ("b", 0, "10ms/100ms"),
+            ("c", 1, "1ms/100ms"),
+            ("a", 0, "1ms/100ms"),
+        ] {
+            let out = r.apply(&Command::DomainCreate(domain(name, hash, lane, cpu, &[])));
+            assert!(matches!(out, Applied::Refused(_)), "{name}: {out:?}");
+            assert_eq!(r, before);
+        }
+        let mut unknown = domain("d", [7; 32], 0, "1ms/100ms", &[]);
+        assert!(matches!(
+            r.apply(&Command::DomainCreate(unknown.clone())),
+            Applied::Refused(ApiError::NotFound(_))
+        ));
+        unknown.module_hash = hash;
+        assert_eq!(r.apply(&Command::DomainCreate(unknown)), Applied::Placed(2));
+
+        // A module stays while an image or a domain refers to it.
+        let wasm2 = b"version two".to_vec();
+        r.apply(&Command::ImagePut {
+            signed: signed(&acme, "img", &wasm2, &[]),
+            wasm: wasm2.clone(),
+            pushed_by: Subject::User("admin".into()),
+        });
+        assert!(
+            r.blobs.contains_key(&hash),
+            "domains still run the old module"
+        );
+        r.apply(&Command::DomainRemove { name: "a".into() });
+        r.apply(&Command::DomainRemove { name: "d".into() });
+        assert!(!r.blobs.contains_key(&hash));
+        assert!(r
+            .blobs
+            .contains_key(&metta_trust::image::module_hash(&wasm2)));
+        // Removing a node takes its domains with it.
+        r.apply(&Command::DomainCreate(domain(
+            "e",
+            metta_trust::image::module_hash(&wasm2),
+            0,
+            "1ms/100ms",
+            &[],
+        )));
+        r.apply(&Command::NodeRemove { id: 1 });
+        assert!(r.domains.is_empty());
+    }
+
+    #[test]
+    fn channels_route_to_the_longest_covering_prefix_never_to_the_sender() {
+        let (admin, acme) = (NodeKey::generate().unwrap(), NodeKey::generate().unwrap());
+        let wasm = b"module bytes".to_vec();
+        let mut r = with_image(&admin, &acme, &wasm);
+        let hash = metta_trust::image::module_hash(&wasm);
+        for (name, chans) in [
+            ("broad", &["/svc"][..]),
+            ("narrow", &["/svc/counter"][..]),
+            ("other", &["/ctl", "/x"][..]),
+        ] {
+            let out = r.apply(&Command::DomainCreate(domain(
+                name,
+                hash,
+                0,
+                "1ms/100ms",
+                chans,
+            )));
+            assert!(matches!(out, Applied::Placed(_)));
+        }
+        let to = |from: &str, ch: &str| r.route(from, ch).map(|d| d.name.as_str());
+        assert_eq!(to("other", "/svc/counter"), Some("narrow"));
+        assert_eq!(to("other", "/svc/counter/deep"), Some("narrow"));
+        assert_eq!(to("other", "/svc/db"), Some("broad"));
+        assert_eq!(to("narrow", "/svc/counter"), Some("broad"));
+        assert_eq!(to("other", "/svcx"), None);
+        assert_eq!(to("broad", "/x"), Some("other"));
+        assert_eq!(to("other", "/x"), None);
     }
 
     #[test]

@@ -76,7 +76,8 @@ const KEY_SNAPSHOT_META: &str = "meta";
 const KEY_SNAPSHOT_DATA: &str = "data";
 
 /// Version of the snapshot data encoding.
-const SNAPSHOT_FORMAT: u8 = 1;
+/// 2: the registry gained vendors, images, blobs, domains and node labels.
+const SNAPSHOT_FORMAT: u8 = 2;
 
 type Error = StorageError<u64>;
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;

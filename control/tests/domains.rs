@@ -89,7 +89,13 @@ fn images_are_verified_before_they_are_stored() {
     let dir = c.dir.path();
 
     // Signed by a vendor the cluster does not trust.
-    c.ok(&["vendor", "keygen", "mallory", "--out", dir.to_str().unwrap()]);
+    c.ok(&[
+        "vendor",
+        "keygen",
+        "mallory",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let o = c.ctl(&[
         "image",
         "push",
@@ -231,7 +237,13 @@ fn run_call_logs_ps_and_stop_a_counter() {
     };
     let c = Cluster::init("1h");
     let key = trust_acme(&c);
-    push_ok(&c, &key, &counter, "counter", &["log", "channel:/svc/counter"]);
+    push_ok(
+        &c,
+        &key,
+        &counter,
+        "counter",
+        &["log", "channel:/svc/counter"],
+    );
 
     let out = c.ok(&[
         "run",
@@ -253,7 +265,10 @@ fn run_call_logs_ps_and_stop_a_counter() {
     assert_eq!(c.ok(&["call", "c1", "incr"]).trim(), "1");
     assert_eq!(c.ok(&["call", "c1", "add", "41"]).trim(), "42");
     assert_eq!(c.ok(&["call", "c1", "get"]).trim(), "42");
-    assert_eq!(c.ok(&["call", "c1", "frobnicate"]).trim(), "err unknown command");
+    assert_eq!(
+        c.ok(&["call", "c1", "frobnicate"]).trim(),
+        "err unknown command"
+    );
     assert!(c.ok(&["logs", "c1"]).contains("counter: up"));
 
     let row = ps_row(&c, "c1").expect("c1 listed");
@@ -275,7 +290,11 @@ fn run_call_logs_ps_and_stop_a_counter() {
     c.ok(&["stop", "c1"]);
     assert!(ps(&c).is_empty());
     let o = c.ctl(&["call", "c1", "incr"]);
-    assert!(stderr(&o).contains("not found: domain c1"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not found: domain c1"),
+        "{}",
+        stderr(&o)
+    );
     // The name is free again, and the new incarnation starts from zero.
     c.ok(&["run", "counter", "--name", "c1"]);
     assert_eq!(c.ok(&["call", "c1", "incr"]).trim(), "1");
@@ -297,7 +316,12 @@ fn pingpong_across_two_mettads() {
         &key,
         &pingpong,
         "pingpong",
-        &["log", "channel:/ctl", "channel:/svc/ping", "channel:/svc/pong"],
+        &[
+            "log",
+            "channel:/ctl",
+            "channel:/svc/ping",
+            "channel:/svc/pong",
+        ],
     );
     c.ok(&["run", "pingpong", "--name", "ping", "--node", "node-1"]);
     c.ok(&["run", "pingpong", "--name", "pong", "--node", "node-2"]);
@@ -314,7 +338,8 @@ fn pingpong_across_two_mettads() {
         (s.trim() == "ping sent 500 acked 500 target 500 gaps 0").then_some(())
     });
     assert_eq!(
-        c.ok(&["call", "pong", "--channel", "/ctl", "status"]).trim(),
+        c.ok(&["call", "pong", "--channel", "/ctl", "status"])
+            .trim(),
         "pong seen 500 gaps 0"
     );
     let logs = c.ok(&["logs", "ping"]);
@@ -353,7 +378,14 @@ fn an_unadmittable_contract_gets_a_counter_offer() {
         stderr(&o)
     );
     let o = c.ctl(&[
-        "run", "counter", "--name", "more", "--cpu", "20ms/100ms", "-o", "json",
+        "run",
+        "counter",
+        "--name",
+        "more",
+        "--cpu",
+        "20ms/100ms",
+        "-o",
+        "json",
     ]);
     let offer: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(offer["offer"]["slice_ns"], 5_000_000);
@@ -376,13 +408,27 @@ fn an_unadmittable_contract_gets_a_counter_offer() {
 
     // Labels: no node carries zone=attic until it is labelled.
     let o = c.ctl(&[
-        "run", "counter", "--name", "l1", "--cpu", "1ms/100ms", "--label", "zone=attic",
+        "run",
+        "counter",
+        "--name",
+        "l1",
+        "--cpu",
+        "1ms/100ms",
+        "--label",
+        "zone=attic",
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("label"), "{}", stderr(&o));
     c.ok(&["nodes", "label", "node-1", "zone=attic"]);
     c.ok(&[
-        "run", "counter", "--name", "l1", "--cpu", "1ms/100ms", "--label", "zone=attic",
+        "run",
+        "counter",
+        "--name",
+        "l1",
+        "--cpu",
+        "1ms/100ms",
+        "--label",
+        "zone=attic",
     ]);
 }
 
@@ -393,7 +439,13 @@ fn a_domain_runs_with_what_both_user_and_vendor_allow() {
     };
     let c = Cluster::init("1h");
     let key = trust_acme(&c);
-    push_ok(&c, &key, &counter, "counter", &["log", "channel:/svc/counter"]);
+    push_ok(
+        &c,
+        &key,
+        &counter,
+        "counter",
+        &["log", "channel:/svc/counter"],
+    );
     let bob = c.dir.path().join("bob.conf");
     c.ok(&["user", "add", "bob", "--out", bob.to_str().unwrap()]);
     c.ok(&["grant", "bob", "run", "--on", "/images/counter"]);

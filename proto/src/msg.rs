@@ -201,15 +201,6 @@ pub enum ApiRequest {
         /// The node.
         id: NodeId,
     },
-    /// Set or remove a node label (`key=value`, or `key-` to remove).
-    NodeLabel {
-        /// Node name or id.
-        node: String,
-        /// Key.
-        key: String,
-        /// Value (`None`: remove).
-        value: Option<String>,
-    },
     /// Create a join token.
     TokenCreate {
         /// Role granted to whoever joins with it.
@@ -267,6 +258,15 @@ pub enum ApiRequest {
     Renew {
         /// CSR (PEM) for the node's current key.
         csr_pem: String,
+    },
+    /// Set or remove a node label (`key=value`, or `key-` to remove).
+    NodeLabel {
+        /// Node name or id.
+        node: String,
+        /// Key.
+        key: String,
+        /// Value (`None`: remove).
+        value: Option<String>,
     },
     /// Trust a vendor's key for signing images.
     VendorAdd {
