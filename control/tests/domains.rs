@@ -299,6 +299,32 @@ fn run_call_logs_ps_and_stop_a_counter() {
     c.ok(&["run", "counter", "--name", "c1"]);
     assert_eq!(c.ok(&["call", "c1", "incr"]).trim(), "1");
     assert!(ps_row(&c, "c1").unwrap()["epoch"].as_u64().unwrap() >= 2);
+
+    // `logs -f` follows: it prints what is there, then new lines as they come.
+    let mut follow = std::process::Command::new(METTACTL)
+        .arg("--config")
+        .arg(&c.admin)
+        .args(["logs", "-f", "c1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "counter: up");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // After a restart of its node the domain runs again (from its image: its
+    // memory is not persisted yet).
+    let mut c = c;
+    c.nodes[0].kill();
+    c.nodes[0].start();
+    c.wait_nodes_up(1);
+    wait_for(Duration::from_secs(20), "c1 back after restart", || {
+        let o = c.ctl(&["call", "c1", "get"]);
+        (o.status.success() && stdout(&o).trim() == "0").then_some(())
+    });
 }
 
 #[test]
