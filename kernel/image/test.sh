@@ -8,7 +8,11 @@
 # Builds the kernel (release), runs the lib's host unit tests, then boots the
 # image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
 #   boot        prints the banner, the command line and a memory map with
-#               >= 100 MiB usable, timestamps every line; QEMU exits 33 (success)
+#               >= 100 MiB usable, timestamps every line; sets up the IDT and the
+#               local APIC timer; prints the RTC time, which must be within a day
+#               of the host's `date +%s` (QEMU's RTC follows the host clock), and
+#               an entropy line (the default CPU, qemu64, has no RDRAND: the
+#               kernel says so and goes on); QEMU exits 33 (success)
 #   panic-test  prints "PANIC: <message> at <file:line>"; QEMU exits 35 (panic)
 #   no-lm       on a CPU without long mode (-cpu qemu32) the 32-bit entry stub
 #               says so and QEMU exits 37 (boot failure)
@@ -16,6 +20,15 @@
 #               to the QEMU process): PCI list, MAC, a lease in 10.0.2.0/24; 33
 #   net-no-nic  net=dhcp with -nic none: "no supported NIC found"; QEMU exits 39
 #   bad-cmdline an unknown command-line key is rejected with a message; 37
+#   entropy     -cpu max (RDRAND under TCG): two 16-byte draws differ; 33
+#   timer       test=timer: 50 timer ticks with hlt in between, their rate by the
+#               TSC within 20% of nominal (1 kHz); a deadline fires, sleep_until wakes, a
+#               cancelled deadline does not fire; 33
+#   pagefault   test=pagefault: a write to an unmapped address; the report names
+#               the #PF, its cause and the address (CR2); 35 (panic)
+#   ud          test=ud: ud2; the report names the #UD; 35
+#   doublefault test=doublefault: a push onto an unmapped stack; the #DF report
+#               comes from the IST1 stack (else: triple fault, reset); 35
 #   ipxe        chained from iPXE (QEMU's PXE ROM, Debian ipxe-qemu) over QEMU's
 #               user-mode DHCP/TFTP: boots and exits 33 (~6 s, mostly iPXE)
 # Ends with "N passed, M failed" and exits non-zero if anything failed.
@@ -125,6 +138,16 @@ usable=$(printf '%s\n' "$out" | sed -nE 's/.*usable memory: ([0-9]+) bytes.*/\1/
 check "boot: >= 100 MiB usable (${usable:-none} bytes)" \
     [ "${usable:-0}" -ge $((100 * 1024 * 1024)) ]
 check "boot: no panic" bash -c '! printf "%s\n" "$1" | grep -q PANIC' _ "$out"
+check "boot: IDT loaded, PICs remapped and masked" \
+    has '\] interrupts: IDT with 256 vectors; .*PICs remapped to 0x20-0x2f and masked$'
+check "boot: local APIC timer started" \
+    has '\] timer: local APIC \(xAPIC at 0xfee00000\) timer counts at [0-9.]+ MHz .* [0-9]+ Hz tick'
+rtc=$(printf '%s\n' "$out" | sed -nE 's/.*\] rtc: [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z \(unix ([0-9]+)\)$/\1/p')
+host=$(date +%s)
+check "boot: RTC within a day of the host clock (rtc ${rtc:-none}, host $host)" \
+    bash -c '[ -n "$1" ] && d=$(($1 - $2)) && [ "${d#-}" -le 86400 ]' _ "$rtc" "$host"
+check "boot: entropy line (default CPU: no RDSEED/RDRAND, says so)" \
+    has '\] entropy: unavailable: this CPU has neither RDSEED nor RDRAND; continuing'
 
 echo "== panic-test"
 boot "panic-test"
@@ -176,6 +199,61 @@ boot "net=static"
 check "bad-cmdline: bad value rejected (exit $rc)" \
     bash -c '[ "$1" -eq "$2" ] && grep -q "cmdline: error: bad value .static. for .net." <<<"$3"' \
     _ "$rc" "$EXIT_BOOT_FAILURE" "$out"
+
+boot "test=gp"
+check "bad-cmdline: unknown self-test rejected (exit $rc)" \
+    bash -c '[ "$1" -eq "$2" ] && grep -q "cmdline: error: bad value .gp. for .test." <<<"$3"' \
+    _ "$rc" "$EXIT_BOOT_FAILURE" "$out"
+
+echo "== entropy (-cpu max: RDRAND under TCG)"
+boot "" -cpu max
+printf '%s\n' "$out" | grep -E '\] (entropy|rtc):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "entropy: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "entropy: two 16-byte draws differ" has '\] entropy: RD[A-Z]+ .*; two 16-byte draws differ$'
+
+echo "== timer (test=timer: ticks with hlt in between)"
+boot "test=timer"
+printf '%s\n' "$out" | grep -E '\] (timer|test)' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "timer: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+# "timer-test: 50 ticks in 50.944 ms by the TSC: 981.452 Hz (nominal 1000 Hz), ..."
+rate=$(printf '%s\n' "$out" |
+    sed -nE 's/.*\] timer-test: ([0-9]+) ticks in ([0-9.]+) ms by the TSC: .*\(nominal ([0-9]+) Hz\).*/\1 \2 \3/p')
+check "timer: >= 50 ticks, rate by the TSC within 20% of nominal (${rate:-no rate line}: ticks ms Hz)" \
+    awk -v r="$rate" 'BEGIN { split(r, a, " "); if (a[1] < 50 || a[2] <= 0) exit 1
+        hz = a[1] * 1000 / a[2]; exit !(hz >= 0.8 * a[3] && hz <= 1.2 * a[3]) }'
+check "timer: a deadline fires" has '\] timer-test: deadline [0-9.]+ ms ahead fired [0-9.]+ ms late'
+check "timer: sleep_until wakes" has '\] timer-test: sleep_until [0-9.]+ ms ahead woke [0-9.]+ ms late$'
+check "timer: a cancelled deadline does not fire" has '\] timer-test: a cancelled deadline did not fire$'
+
+echo "== pagefault (test=pagefault: write to an unmapped address)"
+boot "test=pagefault"
+printf '%s\n' "$out" | grep -A6 -E '\] (test|EXCEPTION):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "pagefault: exits with the panic code ($EXIT_PANIC)" [ "$rc" -eq "$EXIT_PANIC" ]
+check "pagefault: report names the #PF and the faulting rip" \
+    has '\] EXCEPTION: #PF page fault \(vector 14\) at rip 0x[0-9a-f]{16}$'
+check "pagefault: report decodes the error code and gives CR2" \
+    has '\]   page fault: write to non-present page in kernel mode, address \(CR2\) 0x000000deadbee000; error code 0x2$'
+check "pagefault: every report line is timestamped" \
+    bash -c '! printf "%s\n" "$1" | grep -qvE "^\[ *[0-9]+\.[0-9]{6}\] "' _ "$out"
+
+echo "== ud (test=ud: ud2)"
+boot "test=ud"
+printf '%s\n' "$out" | grep -A1 -E '\] EXCEPTION:' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "ud: exits with the panic code ($EXIT_PANIC)" [ "$rc" -eq "$EXIT_PANIC" ]
+check "ud: report names the #UD" has '\] EXCEPTION: #UD invalid opcode \(vector 6\) at rip 0x[0-9a-f]{16}$'
+
+echo "== doublefault (test=doublefault: fault on an unmapped stack)"
+boot "test=doublefault"
+printf '%s\n' "$out" | grep -A3 -E '\] EXCEPTION:' | sed 's/^/    | /'
+printf '%s\n' "$out" | grep -E 'IST' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "doublefault: exits with the panic code ($EXIT_PANIC)" [ "$rc" -eq "$EXIT_PANIC" ]
+check "doublefault: report names the #DF" has '\] EXCEPTION: #DF double fault \(vector 8\)'
+check "doublefault: handled on the IST1 stack" has '^\[ *[0-9]+\.[0-9]{6}\]   handled on the IST1 \(double-fault\) stack$'
 
 echo "== ipxe (chained: QEMU's iPXE ROM, DHCP and TFTP from QEMU user networking)"
 mkdir -p "$tmp/tftp"

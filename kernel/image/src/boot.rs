@@ -36,7 +36,8 @@
 //!    ABI and a 16-byte aligned stack.
 //!
 //! The x86_64-unknown-none target uses no SSE and no red zone, so no FPU/SSE state
-//! needs enabling and interrupts stay off (there is no IDT yet).
+//! needs enabling. Interrupts stay off until `kmain` has loaded the IDT and
+//! started the timer (`interrupts.rs`, `timer.rs`).
 
 use core::arch::global_asm;
 

@@ -14,6 +14,7 @@
 //! | `console=ttyS0`    | the console is COM1 (the only console there is; accepted for Linux-style command lines) |
 //! | `metta.test=<label>` | a free-form label for test harnesses; ignored              |
 //! | `panic-test`       | panic after boot, to exercise the panic path                 |
+//! | `test=<self-test>` | run a self-test after boot instead of the network ([`SelfTest`]): `timer`, `pagefault`, `ud`, `doublefault` |
 //!
 //! Anything else is an error: an unknown key or flag, a key without `=value` or
 //! with an empty value, a flag with a value, an unknown value, or a key given
@@ -32,6 +33,48 @@ pub enum NetMode {
     Dhcp,
 }
 
+/// A self-test the kernel runs after boot (`test=<name>`), for the boot tests in
+/// `test.sh`. The fault tests end in the exception report and the panic exit
+/// code; `timer` ends with the success code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfTest {
+    /// `test=timer`: wait for timer ticks with `hlt` in between and print their
+    /// rate measured by the TSC; then a deadline and a `sleep_until`.
+    Timer,
+    /// `test=pagefault`: write to an unmapped address (a #PF report).
+    PageFault,
+    /// `test=ud`: execute `ud2` (a #UD report).
+    InvalidOpcode,
+    /// `test=doublefault`: fault with an unusable stack, so the #PF cannot be
+    /// delivered and becomes a #DF, handled on its own IST stack.
+    DoubleFault,
+}
+
+impl SelfTest {
+    /// The accepted values of `test=`.
+    pub const NAMES: &'static str = "timer, pagefault, ud, doublefault";
+
+    fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "timer" => SelfTest::Timer,
+            "pagefault" => SelfTest::PageFault,
+            "ud" => SelfTest::InvalidOpcode,
+            "doublefault" => SelfTest::DoubleFault,
+            _ => return None,
+        })
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SelfTest::Timer => "timer",
+            SelfTest::PageFault => "pagefault",
+            SelfTest::InvalidOpcode => "ud",
+            SelfTest::DoubleFault => "doublefault",
+        }
+    }
+}
+
 /// The configuration read from the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BootConfig<'a> {
@@ -41,6 +84,8 @@ pub struct BootConfig<'a> {
     pub test_label: Option<&'a str>,
     /// `panic-test`.
     pub panic_test: bool,
+    /// `test=`, if given.
+    pub self_test: Option<SelfTest>,
 }
 
 /// Why a command line was rejected.
@@ -63,7 +108,7 @@ impl fmt::Display for ConfigError<'_> {
         match self {
             ConfigError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: net=, console=, metta.test=, panic-test)"
+                "unknown key `{k}` (known: net=, console=, metta.test=, panic-test, test=)"
             ),
             ConfigError::MissingValue(k) => write!(f, "`{k}` needs a value: `{k}=<value>`"),
             ConfigError::UnexpectedValue(k) => write!(f, "`{k}` is a flag and takes no value"),
@@ -94,7 +139,7 @@ impl<'a> BootConfig<'a> {
                 None => (word, None),
             };
             match key {
-                "net" | "console" | "metta.test" => {
+                "net" | "console" | "metta.test" | "test" => {
                     let value = match value {
                         Some(v) if !v.is_empty() => v,
                         _ => return Err(ConfigError::MissingValue(key)),
@@ -113,6 +158,15 @@ impl<'a> BootConfig<'a> {
                             if value != "ttyS0" {
                                 return Err(ConfigError::BadValue(key, value, "ttyS0"));
                             }
+                        }
+                        "test" => {
+                            once(16, key)?;
+                            cfg.self_test =
+                                Some(SelfTest::parse(value).ok_or(ConfigError::BadValue(
+                                    key,
+                                    value,
+                                    SelfTest::NAMES,
+                                ))?);
                         }
                         _ => {
                             once(4, key)?;
@@ -156,6 +210,19 @@ mod tests {
         assert_eq!(c.test_label, Some("boot"));
         assert!(c.panic_test);
         assert_eq!(BootConfig::parse("k net=off").unwrap().net, NetMode::Off);
+        assert_eq!(c.self_test, None);
+        for (word, test) in [
+            ("test=timer", SelfTest::Timer),
+            ("test=pagefault", SelfTest::PageFault),
+            ("test=ud", SelfTest::InvalidOpcode),
+            ("test=doublefault", SelfTest::DoubleFault),
+        ] {
+            let line = format!("k metta.test=x {word}");
+            let c = BootConfig::parse(&line).unwrap();
+            assert_eq!(c.self_test, Some(test));
+            assert_eq!(c.test_label, Some("x"));
+            assert_eq!(format!("test={}", test.name()), word);
+        }
     }
 
     #[test]
@@ -184,6 +251,15 @@ mod tests {
         assert_eq!(
             BootConfig::parse("k panic-test panic-test"),
             Err(Duplicate("panic-test"))
+        );
+        assert_eq!(
+            BootConfig::parse("k test=gp"),
+            Err(BadValue("test", "gp", SelfTest::NAMES))
+        );
+        assert_eq!(BootConfig::parse("k test"), Err(MissingValue("test")));
+        assert_eq!(
+            BootConfig::parse("k test=ud test=timer"),
+            Err(Duplicate("test"))
         );
         assert!(UnknownKey("x").to_string().contains("unknown key `x`"));
     }

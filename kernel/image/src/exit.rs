@@ -8,7 +8,7 @@
 //! | outcome                                  | value written | QEMU exit status |
 //! |------------------------------------------|---------------|------------------|
 //! | [`ExitCode::Success`]: booted and done   | `0x10`        | 33               |
-//! | [`ExitCode::Panic`]: Rust panic          | `0x11`        | 35               |
+//! | [`ExitCode::Panic`]: Rust panic, CPU exception, or unexpected interrupt | `0x11` | 35 |
 //! | [`ExitCode::BootFailure`]: entry stub refused to boot (no multiboot magic, no long mode), or the command line was rejected | `0x12` | 37 |
 //! | [`ExitCode::NetFailure`]: `net=dhcp` asked for, but no supported NIC, or no DHCP lease in time | `0x13` | 39 |
 //!
@@ -23,7 +23,9 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 pub enum ExitCode {
     /// The kernel booted and finished its work.
     Success = 0x10,
-    /// A Rust panic; the panic handler printed `PANIC: <message> at <file:line>`.
+    /// A Rust panic (the panic handler printed `PANIC: <message> at
+    /// <file:line>`), or a CPU exception or unexpected interrupt (the handler
+    /// printed `EXCEPTION: ...`, see [`crate::exception::Report`]).
     Panic = 0x11,
     /// The 32-bit entry stub refused to continue (written from assembly), or the
     /// kernel command line was rejected.

@@ -1,7 +1,9 @@
 //! The hardware-independent parts of `metta-kernel`: reading the multiboot1 boot
 //! information, the kernel command line and its strict configuration syntax
-//! ([`bootcfg`]), the choice of heap memory ([`memory`]), timestamp arithmetic, and
-//! the exit codes.
+//! ([`bootcfg`]), the choice of heap memory ([`memory`]), timestamp and timer
+//! arithmetic ([`time`]), the interrupt frame and exception reports
+//! ([`exception`]), the RTC's calendar to Unix time ([`rtc`]), the retry policy
+//! of the CPU's random-number instructions ([`hwrand`]), and the exit codes.
 //!
 //! Everything here works on byte slices and plain integers, so it builds for the
 //! kernel (`x86_64-unknown-none`, `no_std`) and for the host, where the unit tests
@@ -11,15 +13,19 @@
 //! cargo test --target x86_64-unknown-linux-gnu --manifest-path kernel/image/Cargo.toml --lib
 //! ```
 //!
-//! The boot path itself (entry stub, serial console, TSC) lives in the binary,
-//! `src/main.rs`.
+//! The boot path itself (entry stub, serial console, TSC, interrupts, timer, and
+//! the port and register accesses behind the RTC and entropy) lives in the
+//! binary, `src/main.rs`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![forbid(unsafe_code)]
 
 pub mod bootcfg;
 pub mod cmdline;
+pub mod exception;
 pub mod exit;
+pub mod hwrand;
 pub mod memory;
 pub mod multiboot;
+pub mod rtc;
 pub mod time;

@@ -1,5 +1,6 @@
-//! `metta-kernel`: the Metta native kernel image: boot, heap, PCI, and a
-//! virtio-net NIC configured by DHCP.
+//! `metta-kernel`: the Metta native kernel image: boot, interrupts and a timer
+//! tick, the wall clock, hardware entropy, heap, PCI, and a virtio-net NIC
+//! configured by DHCP.
 //!
 //! # Boot path
 //!
@@ -12,39 +13,53 @@
 //!    support, identity-maps the first 4 GiB with 2 MiB pages (RAM is used below
 //!    1 GiB, the rest is for device registers), enters long mode and calls
 //!    [`kmain`].
-//! 3. [`kmain`] brings up the COM1 console ([`serial`]), calibrates the TSC
-//!    against PIT channel 2 ([`tsc`]) for log timestamps, prints the banner
-//!    `metta-kernel <version> booted`, the loader name and the command line,
-//!    which it parses strictly ([`metta_kernel::bootcfg`] documents the syntax:
-//!    `net=dhcp|off`, `console=ttyS0`, `metta.test=<label>`, `panic-test`; any
-//!    other word is rejected with a message and the boot-failure code). Then it
-//!    prints the multiboot memory map, gives the largest free RAM range below
-//!    1 GiB to the heap ([`heap`], talc; `alloc` is available from here on),
-//!    lists every PCI function on buses 0-255 ([`pci`], ports 0xCF8/0xCFC) and
-//!    notes the first virtio-net function (1af4:1000 or 1af4:1041).
-//! 4. With `net=dhcp` it drives that NIC with `virtio-drivers` (PCI transport,
+//! 3. [`kmain`] brings up the COM1 console ([`serial`]) and the interrupt
+//!    machinery ([`interrupts`]: a GDT with a TSS whose IST stacks take #DF, NMI
+//!    and #MC ([`gdt`]), an IDT whose 256 vectors enter through assembly stubs,
+//!    the 8259 PICs remapped to 0x20-0x2f and masked ([`pic`])); from here on a
+//!    CPU exception prints a report (vector, RIP, error code decoded, CR2 for
+//!    page faults, registers) and exits with the panic code. It calibrates the
+//!    TSC against PIT channel 2 ([`tsc`]) for log timestamps and [`timer::now_ns`],
+//!    prints the banner `metta-kernel <version> booted`, the loader name and the
+//!    command line, which it parses strictly ([`metta_kernel::bootcfg`] documents
+//!    the syntax: `net=dhcp|off`, `console=ttyS0`, `metta.test=<label>`,
+//!    `panic-test`, `test=timer|pagefault|ud|doublefault`; any other word is
+//!    rejected with a message and the boot-failure code).
+//! 4. It starts the time base ([`timer`]): the local APIC ([`apic`]) timer,
+//!    calibrated against the TSC, raises a periodic tick at [`timer::TICK_HZ`]
+//!    (1 kHz); then it enables interrupts. It prints the wall clock from the CMOS
+//!    RTC ([`cmos`]; `rtc: <ISO 8601> (unix <seconds>)`) and shows that the
+//!    hardware entropy source works ([`entropy`]: `RDSEED`, else `RDRAND`; two
+//!    16-byte draws differ, never printed) or says that the CPU has none.
+//! 5. Then it prints the multiboot memory map, gives the largest free RAM range
+//!    below 1 GiB to the heap ([`heap`], talc; `alloc` is available from here on).
+//!    `panic-test` panics here, to exercise the panic path; `test=<name>` runs
+//!    that self-test ([`selftest`]) and exits. Otherwise it lists every PCI
+//!    function on buses 0-255 ([`pci`], ports 0xCF8/0xCFC) and notes the first
+//!    virtio-net function (1af4:1000 or 1af4:1041).
+//! 6. With `net=dhcp` it drives that NIC with `virtio-drivers` (PCI transport,
 //!    virtio 1.0 capabilities) as a `smoltcp` device ([`net`]), prints its MAC,
 //!    busy-polls DHCP for up to 10 s and prints `net: dhcp lease <ip>/<prefix>
 //!    gw <gw>`. Without a NIC, or without a lease in time, it exits with the
 //!    network-failure code. With `net=off` (the default) the network is left
-//!    alone. `panic-test` panics after the heap is up, to exercise the panic
-//!    path. Otherwise it exits QEMU through `isa-debug-exit` with the success
+//!    alone. Otherwise it exits QEMU through `isa-debug-exit` with the success
 //!    code.
 //!
-//! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic 35, boot
-//! failure (entry stub, or a rejected command line) 37, network failure 39; see
-//! [`metta_kernel::exit`].
+//! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic or CPU
+//! exception 35, boot failure (entry stub, or a rejected command line) 37,
+//! network failure 39; see [`metta_kernel::exit`].
 //!
 //! Build and test: `kernel/image/test.sh` builds with `cargo build --release`
 //! inside `kernel/image` (whose `.cargo/config.toml` selects the target), runs the
 //! host unit tests, and boots the image in QEMU: with `-kernel`, with
 //! `panic-test`, on a CPU without long mode, with `net=dhcp` on QEMU's user-mode
-//! network, with `net=dhcp` and no NIC, with a bad command line, and chained
-//! from iPXE. Cargo takes
+//! network, with `net=dhcp` and no NIC, with a bad command line, with `-cpu max`
+//! (RDRAND), with each self-test, and chained from iPXE. Cargo takes
 //! that config from the working directory, so `--manifest-path` from elsewhere
 //! would build for the host; the binary refuses to compile there, saying so. The
-//! parsing code lives in the library half of this crate (`src/lib.rs`) and is
-//! unit-tested on the host.
+//! pure code (command line, memory map, exception reports, calendar arithmetic,
+//! entropy retry policy) lives in the library half of this crate (`src/lib.rs`)
+//! and is unit-tested on the host.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -60,12 +75,21 @@ compile_error!(
 
 extern crate alloc;
 
+mod apic;
 mod boot;
+mod cmos;
+mod cpu;
+mod entropy;
+mod gdt;
 mod heap;
+mod interrupts;
 mod net;
 mod pci;
+mod pic;
 mod port;
+mod selftest;
 mod serial;
+mod timer;
 mod tsc;
 
 use core::panic::PanicInfo;
@@ -102,6 +126,7 @@ const MAX_C_STRING: usize = 4096;
 /// the multiboot information structure).
 extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
     serial::CONSOLE.init();
+    interrupts::init();
     let cal = tsc::calibrate();
     kprintln!("metta-kernel {} booted", env!("CARGO_PKG_VERSION"));
     if cal.measured {
@@ -116,6 +141,13 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
             tsc::FALLBACK_HZ / 1_000_000
         );
     }
+
+    kprintln!(
+        "interrupts: IDT with 256 vectors; #DF, NMI and #MC on IST stacks; \
+         8259 PICs remapped to {:#04x}-{:#04x} and masked",
+        pic::BASE,
+        pic::BASE + pic::LINES - 1
+    );
 
     // The entry stub only calls kmain with the right magic; check anyway.
     assert_eq!(multiboot_magic, BOOTLOADER_MAGIC, "bad multiboot magic");
@@ -139,11 +171,18 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
         }
     };
 
+    start_timer(cal.hz);
+    print_wall_clock();
+    print_entropy_proof();
+
     print_memory_map(&info);
     init_heap(&info, info_addr, cmdline_bytes);
 
     if config.panic_test {
         panic!("panic-test requested on the kernel command line");
+    }
+    if let Some(test) = config.self_test {
+        exit_qemu(selftest::run(test));
     }
 
     let nic = scan_pci();
@@ -162,6 +201,48 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
         kprintln!("boot complete, exiting");
     }
     exit_qemu(code)
+}
+
+/// Start the local APIC timer's periodic tick and enable interrupts. (Runs
+/// before the heap exists: no allocation here.)
+fn start_timer(tsc_hz: u64) {
+    match timer::init(tsc_hz) {
+        Ok(t) => {
+            kprintln!(
+                "timer: local APIC ({}) timer counts at {}.{:03} MHz by the TSC; \
+                 {} Hz tick on vector {:#04x} (count {}), deadline resolution {} us",
+                t.mode,
+                t.apic_hz / 1_000_000,
+                t.apic_hz / 1_000 % 1_000,
+                timer::TICK_HZ,
+                interrupts::TIMER_VECTOR,
+                t.count,
+                timer::RESOLUTION_NS / 1_000
+            );
+        }
+        Err(e) => kprintln!("timer: no tick: {e}; idling spins instead of halting"),
+    }
+    cpu::enable_interrupts();
+}
+
+/// Print the date and time of the CMOS RTC (UTC) and the Unix time.
+fn print_wall_clock() {
+    match cmos::read() {
+        Ok(t) => kprintln!("rtc: {t} (unix {})", t.unix_seconds()),
+        Err(e) => kprintln!("rtc: error: {e}"),
+    }
+}
+
+/// Show that the hardware entropy source works: two draws differ. The values
+/// themselves are never printed.
+fn print_entropy_proof() {
+    let features = entropy::features();
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    match entropy::fill(&mut a).and_then(|()| entropy::fill(&mut b)) {
+        Ok(()) if a != b => kprintln!("entropy: {features}; two 16-byte draws differ"),
+        Ok(()) => kprintln!("entropy: error: two 16-byte draws from {features} are equal"),
+        Err(e) => kprintln!("entropy: unavailable: {e}; continuing without hardware entropy"),
+    }
 }
 
 /// Give the largest free piece of RAM below [`MAPPED_LIMIT`] to the heap: above
@@ -338,6 +419,7 @@ fn c_string_at(addr: u32) -> Option<&'static [u8]> {
 
 /// Exit QEMU through `isa-debug-exit` with `code`; on hardware, halt.
 fn exit_qemu(code: ExitCode) -> ! {
+    cpu::disable_interrupts();
     // SAFETY: port 0xf4 is QEMU's isa-debug-exit device when configured as the
     // test harness does; on a PC without it the port is unused and the write is
     // ignored.
@@ -353,6 +435,7 @@ static PANICKING: AtomicBool = AtomicBool::new(false);
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
+    cpu::disable_interrupts();
     if PANICKING.swap(true, Ordering::Relaxed) {
         exit_qemu(ExitCode::Panic);
     }

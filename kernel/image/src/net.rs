@@ -1,8 +1,8 @@
 //! The network: the virtio-net NIC (driven by `virtio-drivers` over its PCI
 //! transport) as a `smoltcp` device, and DHCP on it.
 //!
-//! No interrupts yet: everything busy-polls, bounded by deadlines on the TSC
-//! clock.
+//! The NIC's interrupts are not used: everything busy-polls, bounded by
+//! deadlines on the TSC clock.
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::format;

@@ -24,7 +24,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use metta_kernel::time::{self, ticks_to_micros};
+use metta_kernel::time::{self, ticks_to_micros, ticks_to_nanos};
 
 use crate::port::{inb, outb};
 
@@ -58,6 +58,12 @@ pub fn rdtsc() -> u64 {
 pub fn micros_since_boot() -> u64 {
     let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
     ticks_to_micros(ticks, TSC_HZ.load(Ordering::Relaxed))
+}
+
+/// Nanoseconds since kernel entry.
+pub fn nanos_since_boot() -> u64 {
+    let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
+    ticks_to_nanos(ticks, TSC_HZ.load(Ordering::Relaxed))
 }
 
 /// How the TSC frequency was obtained.
