@@ -3,7 +3,8 @@
 //! Data directory of a node:
 //!
 //! ```text
-//! node.toml        NodeConfig: cluster, id, role, addresses, certificate lifetime
+//! node.toml        NodeConfig: cluster, id, role, addresses (QUIC on UDP, TLS on
+//!                  TCP for native nodes), certificate lifetime
 //! node.key         the node's P-256 key (PKCS#8 PEM, 0600)
 //! node.pem         its current certificate
 //! ca.pem           the cluster CA certificate
@@ -97,8 +98,12 @@ pub struct NodeConfig {
     pub name: String,
     /// Role.
     pub role: Role,
-    /// UDP address to listen on.
+    /// Address to listen on: QUIC on this UDP port, and TLS/TCP for native
+    /// nodes on the same TCP port unless `listen_tcp` says otherwise.
     pub listen: String,
+    /// TCP address for native nodes (TLS 1.3; default: `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_tcp: Option<String>,
     /// Address other members use to reach this node.
     pub advertise: String,
     /// Lifetime of node certificates in seconds (renewed at 2/3 of it).
@@ -106,6 +111,13 @@ pub struct NodeConfig {
     /// Addresses of other members known at join (used to find the leader).
     #[serde(default)]
     pub seeds: Vec<String>,
+}
+
+impl NodeConfig {
+    /// The TCP address to listen on for native nodes.
+    pub fn tcp_listen(&self) -> &str {
+        self.listen_tcp.as_deref().unwrap_or(&self.listen)
+    }
 }
 
 /// Paths within a node's data directory.
@@ -258,6 +270,27 @@ mod tests {
         assert!(matches!(c.save(&p, false), Err(ConfigError::Exists(_))));
         assert_eq!(ClientConfig::load(&p).unwrap(), c);
         assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn node_toml_without_listen_tcp_still_loads_and_defaults_to_listen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir(dir.path().to_path_buf());
+        fs::write(
+            d.node_toml(),
+            "cluster = \"lab\"\nnode_id = 1\nname = \"n1\"\nrole = \"Control\"\n\
+             listen = \"127.0.0.1:7000\"\nadvertise = \"127.0.0.1:7000\"\n\
+             cert_lifetime_secs = 86400\n",
+        )
+        .unwrap();
+        let mut c = d.load_config().unwrap();
+        assert_eq!(c.listen_tcp, None);
+        assert_eq!(c.tcp_listen(), "127.0.0.1:7000");
+        c.listen_tcp = Some("127.0.0.1:7001".into());
+        d.save_config(&c).unwrap();
+        let back = d.load_config().unwrap();
+        assert_eq!(back.tcp_listen(), "127.0.0.1:7001");
+        assert_eq!(back, c);
     }
 
     #[test]

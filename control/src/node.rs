@@ -1,6 +1,14 @@
-//! A running `mettad`: the Raft member, the QUIC server, the API, and the
-//! background duties (heartbeats, certificate renewal, membership
-//! reconciliation on the leader, revocation enforcement).
+//! A running `mettad`: the Raft member, the QUIC server, the TLS/TCP server
+//! for native nodes ([`crate::tcp`]), the API, and the background duties
+//! (heartbeats, certificate renewal, membership reconciliation on the leader,
+//! revocation enforcement).
+//!
+//! Both servers hand every request to [`Node::handle`] with the subject of
+//! the peer's verified certificate, and register every live connection so
+//! revocation and expiry cut QUIC and TCP peers alike. Native nodes are
+//! registry members but never Raft members: they heartbeat (over TCP, to any
+//! node; followers forward to the leader) and are listed with the resources
+//! they report.
 //!
 //! This is the I/O driver. Decisions are made by pure code elsewhere:
 //! [`crate::registry`] (state transitions), [`crate::policy`] (what a call
@@ -13,8 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metta_proto::{
-    ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId, NodeStatus,
-    RaftRole, RaftRpc, Reply, Request, Response, Role, Subject, MAX_FRAME_LEN,
+    ApiError, ApiRequest, ClusterStatus, Heartbeat, JoinRequest, JoinResponse, NodeId, NodeKind,
+    NodeStatus, RaftRole, RaftRpc, Reply, Request, Response, Role, Subject, MAX_FRAME_LEN,
 };
 use metta_trust::{ClusterCa, JoinToken, NodeKey, RevocationList, TokenRecord, UnixTime};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -29,6 +37,7 @@ use crate::policy::{requirement, Requirement};
 use crate::raft_types::Raft;
 use crate::registry::{Admission, Applied, Command, Registry, UserRecord};
 use crate::store;
+use crate::tcp;
 use crate::transport::{
     self, read_frame, write_frame, CallError, Credentials, ReadError, ServerTrust, Transport,
 };
@@ -82,11 +91,45 @@ pub enum StartError {
     Raft(String),
 }
 
+/// A live incoming connection, for revocation and expiry enforcement.
 struct Conn {
     subject: Option<Subject>,
     serial: Vec<u8>,
     not_after: UnixTime,
-    conn: quinn::Connection,
+    closer: Closer,
+}
+
+/// How to cut a live connection.
+enum Closer {
+    Quic(quinn::Connection),
+    /// Tells the TLS/TCP connection's task to close it (TCP has no close
+    /// codes: the peer sees the connection end).
+    Tcp(watch::Sender<bool>),
+}
+
+impl Conn {
+    fn close(&self, code: u32, reason: &'static [u8]) {
+        match &self.closer {
+            Closer::Quic(c) => c.close(code.into(), reason),
+            Closer::Tcp(tx) => {
+                let _ = tx.send(true);
+            }
+        }
+    }
+}
+
+/// Keys of the live-connection table (QUIC ids and TCP ids are separate spaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ConnKey {
+    Quic(usize),
+    Tcp(u64),
+}
+
+/// Resolves once `rx` holds `true`; never if its sender is gone first.
+async fn raised(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// A running node.
@@ -96,13 +139,15 @@ pub struct Node {
     raft: Raft,
     registry: Arc<RwLock<Registry>>,
     transport: Arc<Transport>,
+    tcp: tcp::Listener,
+    next_tcp_conn: AtomicU64,
     revoked: Arc<RwLock<RevocationList>>,
     key: NodeKey,
     ca: Option<ClusterCa>,
     ca_pem: String,
     ca_der: Vec<u8>,
     cert_not_after: AtomicU64,
-    conns: Mutex<HashMap<usize, Conn>>,
+    conns: Mutex<HashMap<ConnKey, Conn>>,
     heartbeats: Mutex<HashMap<NodeId, (Instant, Heartbeat)>>,
     shutdown: watch::Sender<bool>,
     writes: mpsc::UnboundedSender<PendingWrite>,
@@ -184,6 +229,7 @@ impl Node {
 
         let creds = Credentials::from_pem(&cert_pem, &ca_pem, &key)?;
         let server = transport::server_config(&creds, &ca_der, revoked.clone())?;
+        let tcp_server = transport::tls_server_config(&creds, &ca_der, revoked.clone())?;
         let client = transport::client_config(
             Some(&creds),
             &ServerTrust::Cluster {
@@ -195,6 +241,10 @@ impl Node {
             StartError::Credentials(format!("listen address {:?}: {e}", cfg.listen))
         })?;
         let transport = Transport::server(listen, server, client)?;
+        let tcp_listen: SocketAddr = cfg.tcp_listen().parse().map_err(|e| {
+            StartError::Credentials(format!("TCP listen address {:?}: {e}", cfg.tcp_listen()))
+        })?;
+        let tcp = tcp::Listener::bind(tcp_listen, tcp_server).await?;
 
         let raft_cfg = Arc::new(
             raft_config(&cfg.cluster)
@@ -229,6 +279,8 @@ impl Node {
             raft,
             registry,
             transport,
+            tcp,
+            next_tcp_conn: AtomicU64::new(0),
             revoked,
             key,
             ca,
@@ -244,15 +296,22 @@ impl Node {
 
         node.maybe_initialize().await?;
         tokio::spawn(node.clone().accept_loop());
+        tokio::spawn(node.clone().tcp_accept_loop());
         tokio::spawn(node.clone().enforce_loop(applied));
         tokio::spawn(node.clone().heartbeat_loop());
         tokio::spawn(node.clone().reconcile_loop());
         tokio::spawn(node.clone().renew_loop());
         tokio::spawn(node.clone().batch_loop(pending));
+        let tcp_addr = node
+            .tcp
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| node.cfg.tcp_listen().to_string());
         info!(
             node = node.cfg.node_id,
             cluster = %node.cfg.cluster,
             listen = %node.cfg.listen,
+            tcp = %tcp_addr,
             "mettad serving"
         );
         Ok(node)
@@ -363,16 +422,8 @@ impl Node {
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
         let peer = Self::peer_of(&conn);
-        let key = conn.stable_id();
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            key,
-            Conn {
-                subject: peer.as_ref().map(|p| p.subject.clone()),
-                serial: peer.as_ref().map(|p| p.serial.clone()).unwrap_or_default(),
-                not_after: peer.as_ref().map(|p| p.not_after).unwrap_or(u64::MAX),
-                conn: conn.clone(),
-            },
-        );
+        let key = ConnKey::Quic(conn.stable_id());
+        self.register_conn(key, peer.as_ref(), Closer::Quic(conn.clone()));
         let subject = peer.map(|p| p.subject);
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
@@ -393,6 +444,99 @@ impl Node {
                 let _ = write_frame(&mut send, &response).await;
             });
         }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    fn register_conn(&self, key: ConnKey, peer: Option<&metta_trust::CertInfo>, closer: Closer) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key,
+            Conn {
+                subject: peer.map(|p| p.subject.clone()),
+                serial: peer.map(|p| p.serial.clone()).unwrap_or_default(),
+                not_after: peer.map(|p| p.not_after).unwrap_or(u64::MAX),
+                closer,
+            },
+        );
+    }
+
+    /// Accepts TLS/TCP connections (native nodes) until shutdown.
+    async fn tcp_accept_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                i = self.tcp.accept() => i,
+                _ = shutdown.changed() => return,
+            };
+            match incoming {
+                Ok(incoming) => {
+                    tokio::spawn(self.clone().serve_tcp(incoming));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    warn!("TCP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// One TLS/TCP connection: handshake, then one request at a time to
+    /// [`handle`](Self::handle), until the peer leaves, a limit is hit, the
+    /// node shuts down, or the peer's identity is revoked or expires.
+    async fn serve_tcp(self: Arc<Self>, incoming: tcp::Incoming) {
+        let remote = incoming.remote();
+        let conn = match incoming.handshake().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%remote, "TLS/TCP handshake failed: {e}");
+                return;
+            }
+        };
+        let peer = conn.peer().cloned();
+        let key = ConnKey::Tcp(self.next_tcp_conn.fetch_add(1, Ordering::Relaxed));
+        let (close, closed) = watch::channel(false);
+        self.register_conn(key, peer.as_ref(), Closer::Tcp(close));
+        let subject = peer.map(|p| p.subject);
+        debug!(%remote, peer = ?subject, "TLS/TCP connection");
+        let node = self.clone();
+        let who = subject.clone();
+        let handler = move |req: Request| {
+            let node = node.clone();
+            let subject = who.clone();
+            async move {
+                match req {
+                    // Native nodes are not Raft members and never relay
+                    // calls for others: over TCP these are refused, so a
+                    // native node's certificate cannot speak for anyone else.
+                    Request::Raft(_) | Request::Forwarded { .. } => {
+                        let resource = match req {
+                            Request::Raft(_) => "/raft",
+                            _ => "/forward",
+                        };
+                        Err(ApiError::PermissionDenied {
+                            subject: subject.unwrap_or(Subject::User("anonymous".into())),
+                            rights: metta_proto::Rights::ALL,
+                            resource: resource.into(),
+                        })
+                    }
+                    req => node.handle(subject, req).await,
+                }
+            }
+        };
+        let stop = {
+            let shutdown = self.shutdown.subscribe();
+            async move {
+                tokio::select! {
+                    _ = raised(closed) => {},
+                    _ = raised(shutdown) => {},
+                }
+            }
+        };
+        let ended = conn.serve(tcp::Limits::default(), handler, stop).await;
+        debug!(%remote, peer = ?subject, "TLS/TCP connection ended: {ended}");
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1013,11 +1157,9 @@ impl Node {
                         || (!c.serial.is_empty() && list.serial_revoked(&c.serial));
                     if revoked {
                         info!(peer = ?c.subject, "closing connection of revoked identity");
-                        c.conn
-                            .close(transport::CLOSE_REVOKED.into(), b"identity revoked");
+                        c.close(transport::CLOSE_REVOKED, b"identity revoked");
                     } else if now >= c.not_after {
-                        c.conn
-                            .close(transport::CLOSE_EXPIRED.into(), b"certificate expired");
+                        c.close(transport::CLOSE_EXPIRED, b"certificate expired");
                     }
                 }
             }
@@ -1070,9 +1212,10 @@ impl Node {
         }
     }
 
-    /// On the leader: make Raft membership follow the registry — admitted nodes
-    /// become learners, caught-up control nodes become voters, removed nodes
-    /// leave. Also commits the bootstrap entry of a new cluster.
+    /// On the leader: make Raft membership follow the registry — admitted
+    /// hosted nodes become learners, caught-up control nodes become voters,
+    /// removed nodes leave; native nodes are never members. Also commits the
+    /// bootstrap entry of a new cluster.
     async fn reconcile_loop(self: Arc<Self>) {
         let mut shutdown = self.shutdown.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(300));
@@ -1106,10 +1249,13 @@ impl Node {
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let members: BTreeMap<u64, BasicNode> =
             membership.nodes().map(|(k, v)| (*k, v.clone())).collect();
+        // Native nodes talk to the control plane over TLS/TCP and cannot
+        // take part in Raft (no QUIC): they are never members.
         let nodes: Vec<(u64, Role, String)> = self
             .registry()
             .nodes
             .values()
+            .filter(|n| n.kind != NodeKind::Native)
             .map(|n| (n.id, n.role, n.addr.clone()))
             .collect();
         let last = m.last_log_index.unwrap_or(0);
@@ -1234,7 +1380,10 @@ impl Node {
             },
         )
         .map_err(|e| e.to_string())?;
+        let tcp_server = transport::tls_server_config(&creds, &self.ca_der, self.revoked.clone())
+            .map_err(|e| e.to_string())?;
         self.transport.set_configs(Some(server), client);
+        self.tcp.set_config(tcp_server);
         self.cert_not_after.store(not_after, Ordering::Relaxed);
         Ok(not_after)
     }

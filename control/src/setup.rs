@@ -113,6 +113,7 @@ pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
         name: o.name.clone(),
         role: Role::Control,
         listen: o.listen.clone(),
+        listen_tcp: None,
         advertise: advertise.clone(),
         cert_lifetime_secs: o.cert_lifetime_secs,
         seeds: vec![],
@@ -257,6 +258,7 @@ pub async fn join(o: &JoinOptions) -> Result<Joined, SetupError> {
         name: o.name.clone(),
         role: resp.role,
         listen: o.listen.clone(),
+        listen_tcp: None,
         advertise,
         cert_lifetime_secs: o.cert_lifetime_secs,
         seeds: std::iter::once(o.addr.clone())

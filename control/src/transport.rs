@@ -4,7 +4,10 @@
 //! A [`Transport`] is one UDP socket acting as server (when given a server
 //! config) and as client, with a cache of outgoing connections. The certificate
 //! checks themselves live in `metta-trust` (its rustls verifiers); this module
-//! only wires them into quinn.
+//! wires them into rustls configs ([`tls_server_config`], [`tls_client_config`])
+//! that quinn uses here and that the TLS/TCP listener for native nodes
+//! ([`crate::tcp`]) uses unchanged, so both transports admit exactly the same
+//! peers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -126,13 +129,15 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Server config: our credentials, client certificates optional (joiners have
-/// none) but verified against the cluster CA and the revocation list when sent.
-pub fn server_config(
+/// The TLS server side every Metta listener uses (QUIC and TLS/TCP alike): our
+/// credentials, TLS 1.3 only, ALPN `metta/1`, client certificates optional
+/// (joiners have none) but verified against the cluster CA and the revocation
+/// list when sent.
+pub fn tls_server_config(
     creds: &Credentials,
     ca_der: &[u8],
     revoked: Arc<RwLock<RevocationList>>,
-) -> Result<quinn::ServerConfig, TransportError> {
+) -> Result<rustls::ServerConfig, TransportError> {
     let verifier = ClusterClientVerifier::new(ca_der, revoked)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -146,6 +151,16 @@ pub fn server_config(
     // check, and with it the revocation list and expiry.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
+    Ok(tls)
+}
+
+/// QUIC server config: [`tls_server_config`] plus our QUIC timing.
+pub fn server_config(
+    creds: &Credentials,
+    ca_der: &[u8],
+    revoked: Arc<RwLock<RevocationList>>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let tls = tls_server_config(creds, ca_der, revoked)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport_config());
@@ -166,11 +181,13 @@ pub enum ServerTrust {
     Pinned(CaPin),
 }
 
-/// Client config: the server is checked per `trust`; we present `creds` if any.
-pub fn client_config(
+/// The TLS client side every Metta dialer uses (QUIC and TLS/TCP alike): the
+/// server is checked per `trust`, we present `creds` if any, TLS 1.3 only,
+/// ALPN `metta/1`, no session resumption.
+pub fn tls_client_config(
     creds: Option<&Credentials>,
     trust: &ServerTrust,
-) -> Result<quinn::ClientConfig, TransportError> {
+) -> Result<rustls::ClientConfig, TransportError> {
     let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
         ServerTrust::Cluster { ca_der, revoked } => Arc::new(
             ClusterServerVerifier::new(ca_der, revoked.clone())
@@ -193,6 +210,15 @@ pub fn client_config(
     // Every connection is a full handshake, so the server re-checks our
     // certificate (and we re-check theirs) against revocations each time.
     tls.resumption = rustls::client::Resumption::disabled();
+    Ok(tls)
+}
+
+/// QUIC client config: [`tls_client_config`] plus our QUIC timing.
+pub fn client_config(
+    creds: Option<&Credentials>,
+    trust: &ServerTrust,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let tls = tls_client_config(creds, trust)?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(transport_config());

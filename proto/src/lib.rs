@@ -4,7 +4,8 @@
 //! nodes, the `mettactl` client and (later) the native kernel — carried as
 //! length-prefixed [`postcard`] frames. Between hosted nodes and clients the frames
 //! travel over QUIC streams negotiated with ALPN [`ALPN`] (`metta/1`); native nodes
-//! will carry the very same frames over TLS 1.3 on TCP.
+//! carry the very same frames over TLS 1.3 on TCP, one request at a time per
+//! connection ([`exchange`]).
 //!
 //! This crate is `no_std` + `alloc` so the bare-metal kernel can use it unchanged.
 //! It does no I/O: [`frame`] turns messages into bytes and bytes back into messages,
@@ -12,6 +13,7 @@
 //!
 //! Module map:
 //! - [`frame`]: the length-prefixed framing and the incremental decoder (fuzzed);
+//! - [`exchange`]: the one-request-at-a-time rule of a TLS/TCP connection (sans-IO);
 //! - [`ids`]: node ids, subjects (who a certificate names), roles;
 //! - [`grant`]: capabilities: rights, resources, signed grants;
 //! - [`msg`]: requests and responses;
@@ -24,6 +26,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod exchange;
 pub mod frame;
 pub mod grant;
 pub mod ids;
@@ -31,6 +34,7 @@ pub mod image;
 pub mod msg;
 pub mod qos;
 
+pub use exchange::{ClientExchange, ExchangeError, ServerExchange};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use grant::{Grant, GrantId, Right, Rights, SignedGrant};
 pub use ids::{NodeId, NodeKind, Role, Subject, SubjectParseError};

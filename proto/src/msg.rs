@@ -1,10 +1,15 @@
 //! Requests and responses.
 //!
-//! Every exchange is one request frame and one response frame on a fresh
-//! bidirectional stream. Which requests a peer may send depends on who it proved
-//! to be in the TLS handshake: an unauthenticated peer may only [`Request::Join`];
-//! users send [`Request::Api`]; nodes also send Raft traffic, heartbeats and
-//! forwarded calls.
+//! Every exchange is one request frame and one response frame. Over QUIC each
+//! exchange has a fresh bidirectional stream; over TLS 1.3 on TCP (native
+//! nodes) a connection carries one exchange at a time: the client sends a
+//! request, the server answers it, and only then may the client send the next
+//! one (see [`crate::exchange`]).
+//!
+//! Which requests a peer may send depends on who it proved to be in the TLS
+//! handshake: an unauthenticated peer may only [`Request::Join`]; users send
+//! [`Request::Api`]; nodes also send Raft traffic, heartbeats and forwarded
+//! calls.
 
 use alloc::string::String;
 use alloc::vec::Vec;
