@@ -1069,8 +1069,17 @@ impl Node {
             metta_trust::token::parse_credential(&j.token).map_err(ApiError::Token)?;
         {
             let reg = self.registry();
-            metta_trust::check_token(reg.tokens.get(&token_id), &secret, now)
-                .map_err(ApiError::Token)?;
+            let rec = reg.tokens.get(&token_id);
+            metta_trust::check_token(rec, &secret, now).map_err(ApiError::Token)?;
+            // A native node is never a Raft member and must not receive the
+            // CA key that control nodes get.
+            if j.kind == metta_proto::NodeKind::Native
+                && rec.is_some_and(|t| t.role == Role::Control)
+            {
+                return Err(ApiError::InvalidArgument(
+                    "a native node cannot join with a control token; use a worker token".into(),
+                ));
+            }
         }
         metta_proto::ids::check_name("node", &j.name)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;

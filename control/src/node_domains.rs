@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metta_proto::{
-    ApiError, ApiRequest, CounterOffer, DomainRuntime, DomainStatus, NodeCall, NodeId, Reply,
-    Request, Response, Right, Rights, RunSpec, Subject,
+    ApiError, ApiRequest, CounterOffer, DomainRuntime, DomainStatus, NodeCall, NodeId, NodeKind,
+    Reply, Request, Response, Right, Rights, RunSpec, Subject,
 };
 use metta_scheduler::{Cluster, NodeSpec, PlaceError, Request as PlaceRequest, Strategy};
 use metta_trust::image::{user_caps, verify_image};
@@ -216,7 +216,9 @@ impl Node {
             .collect();
         let reg = self.registry();
         let mut c = Cluster::new();
-        for n in reg.nodes.values() {
+        // Native nodes run domains once the kernel takes them over its link;
+        // until then the scheduler does not see them.
+        for n in reg.nodes.values().filter(|n| n.kind != NodeKind::Native) {
             let mut spec = NodeSpec::new(
                 n.id,
                 n.name.clone(),
@@ -231,7 +233,11 @@ impl Node {
             }
             c.add_node(spec).map_err(internal)?;
         }
-        for d in reg.domains.values() {
+        for d in reg.domains.values().filter(|d| {
+            reg.nodes
+                .get(&d.node)
+                .is_some_and(|n| n.kind != NodeKind::Native)
+        }) {
             c.allocate(d.node, d.lane, d.name.clone(), d.contract)
                 .map_err(internal)?;
         }

@@ -256,6 +256,16 @@ async fn native_node_joins_over_tcp_heartbeats_and_is_listed_as_native_without_r
         other => panic!("expected an unknown-token rejection, got {:?}", other.err()),
     }
 
+    // A control token would make the native node a CA holder: refused, and
+    // the token is not consumed.
+    let control = blocking(|| c.token("control", 1));
+    match join_native(&server, &control, "nat", &native_addr).await {
+        Err(CallError::Api(ApiError::InvalidArgument(m))) => {
+            assert!(m.contains("worker token"), "{m}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.err()),
+    }
+
     // (a) The real join, then heartbeats with the issued certificate.
     let started = Instant::now();
     let native = join_native(&server, &token, "nat", &native_addr)

@@ -18,8 +18,8 @@ use super::{call, fmt_bytes, print_json, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum VendorCmd {
-    /// Make a vendor signing key: writes <NAME>.key (private, mode 0600) and
-    /// <NAME>.pub (the public key to give to clusters).
+    /// Make a vendor signing key: writes `NAME.key` (private, mode 0600) and
+    /// `NAME.pub` (the public key to give to clusters).
     Keygen {
         /// Vendor name (a-z, 0-9, '-'), as manifests will name it.
         name: String,
