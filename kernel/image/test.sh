@@ -3,7 +3,9 @@
 #
 #   kernel/image/test.sh            build, host unit tests, boot tests
 #   kernel/image/test.sh --measure  also: wall-clock time of 5 boots and of 5
-#                                   boots to a DHCP lease (medians)
+#                                   boots to a DHCP lease (medians), and the
+#                                   empty activation round trip on native
+#                                   (test=bench, 3 boots)
 #
 # Builds the kernel (release), runs the lib's host unit tests, then boots the
 # image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
@@ -12,7 +14,8 @@
 #               local APIC timer; prints the RTC time, which must be within a day
 #               of the host's `date +%s` (QEMU's RTC follows the host clock), and
 #               an entropy line (the default CPU, qemu64, has no RDRAND: the
-#               kernel says so and goes on); QEMU exits 33 (success)
+#               kernel says so and goes on); the heap in use after boot; QEMU
+#               exits 33 (success)
 #   panic-test  prints "PANIC: <message> at <file:line>"; QEMU exits 35 (panic)
 #   no-lm       on a CPU without long mode (-cpu qemu32) the 32-bit entry stub
 #               says so and QEMU exits 37 (boot failure)
@@ -29,6 +32,25 @@
 #   ud          test=ud: ud2; the report names the #UD; 35
 #   doublefault test=doublefault: a push onto an unmapped stack; the #DF report
 #               comes from the IST1 stack (else: triple fault, reset); 35
+#   domains     test=domains: the nucleus on bare metal: fuel calibrated on the
+#               TSC; a counter and its client (100 round trips), a greedy
+#               1/10 ms + extra domain, a steady 2/10 ms domain and one that traps
+#               after 100 ms run for ~1 s of TSC time; the steady domain gets
+#               >= 90% of its slice (charged time) in >= 90% of the periods, the
+#               greedy one gets spare time, the trap is reported and the rest
+#               keep running; per-domain CPU vs contract and p99 activation
+#               latency are printed; 33
+#   dirty       test=dirty: a domain's memory is a page-aligned stretch with an
+#               unmapped guard page below; the page-table Dirty bits report
+#               exactly the 4 KiB pages it wrote: {0,5,19}, then {2}, then {};
+#               after memory.grow moved it, all 48 pages, then {33}; 33
+#   snapshot    test=snapshot: a counter snapshotted at an activation boundary
+#               (postcard round trip), a tampered copy refused, restored into a
+#               fresh nucleus with the same memory root, and both copies count
+#               on (6, 7, 8); 33
+#   bench       test=bench: median ns of an empty Domain::activate and
+#               Nucleus::step (the host figure: cargo run --release -p
+#               metta-nucleus --example activation); 33
 #   ipxe        chained from iPXE (QEMU's PXE ROM, Debian ipxe-qemu) over QEMU's
 #               user-mode DHCP/TFTP: boots and exits 33 (~6 s, mostly iPXE)
 # Ends with "N passed, M failed" and exits non-zero if anything failed.
@@ -138,6 +160,7 @@ usable=$(printf '%s\n' "$out" | sed -nE 's/.*usable memory: ([0-9]+) bytes.*/\1/
 check "boot: >= 100 MiB usable (${usable:-none} bytes)" \
     [ "${usable:-0}" -ge $((100 * 1024 * 1024)) ]
 check "boot: no panic" bash -c '! printf "%s\n" "$1" | grep -q PANIC' _ "$out"
+check "boot: heap in use after boot printed" has '\] heap: [0-9]+ bytes in use after boot \(peak [0-9]+\)$'
 check "boot: IDT loaded, PICs remapped and masked" \
     has '\] interrupts: IDT with 256 vectors; .*PICs remapped to 0x20-0x2f and masked$'
 check "boot: local APIC timer started" \
@@ -255,6 +278,69 @@ check "doublefault: exits with the panic code ($EXIT_PANIC)" [ "$rc" -eq "$EXIT_
 check "doublefault: report names the #DF" has '\] EXCEPTION: #DF double fault \(vector 8\)'
 check "doublefault: handled on the IST1 stack" has '^\[ *[0-9]+\.[0-9]{6}\]   handled on the IST1 \(double-fault\) stack$'
 
+echo "== domains (test=domains: the nucleus on bare metal for ~1 s)"
+boot "test=domains"
+printf '%s\n' "$out" | grep -E '\] (domains|test|counter|client|greedy|steady|trap):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "domains: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "domains: fuel rate calibrated on the TSC" \
+    has '\] domains: fuel rate [0-9]+ fuel/ms by the TSC: median of 5 runs'
+# "domains: steady got >= 90.0% of its slice (charged) in 99 of 100 periods (99.0%; ..."
+share=$(printf '%s\n' "$out" |
+    sed -nE 's/.*\] domains: steady got >= 90\.0% of its slice \(charged\) in ([0-9]+) of ([0-9]+) periods.*/\1 \2/p')
+check "domains: 2/10 ms domain got >= 90% of its slice in >= 90% of >= 50 periods (${share:-no line}: met periods)" \
+    awk -v s="$share" 'BEGIN { split(s, a, " "); exit !(a[2] >= 50 && a[1] * 10 >= a[2] * 9) }'
+check "domains: the greedy extra domain got spare time" \
+    has '\] domains: greedy  contract 1/10 ms \+ extra: charged [0-9.]+ ms guaranteed \+ [1-9][0-9]*\.[0-9]+ ms extra'
+check "domains: p99 activation latency printed" \
+    has '\] domains: steady  periods: .* activation latency median [0-9.]+ us, p99 [0-9.]+ us'
+check "domains: client and counter made 100 round trips" \
+    has '\] domains: client -> counter: 100 round trips, last count 100 '
+check "domains: domain logs on serial, prefixed with the domain's name" \
+    bash -c 'grep -q "\] counter: counter: up$" <<<"$1" && grep -q "\] client: client: 100 round trips$" <<<"$1"' _ "$out"
+check "domains: the trapping domain is reported" \
+    has '\] trap: nucleus: trapped: wasm `unreachable` instruction executed$'
+check "domains: the others keep running after the trap" \
+    bash -c 'grep -qE "\] domains: trap failed for good; steady ran in [0-9]+ periods after it$" <<<"$1" &&
+        ! grep -qE "\] domains: (counter|client|greedy|steady) .*; failed:" <<<"$1"' _ "$out"
+
+echo "== dirty (test=dirty: page-table dirty bits of a domain's memory)"
+boot "test=dirty"
+printf '%s\n' "$out" | grep -E '\] (dirty|test|paging|heap):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "dirty: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "dirty: heap remapped with 4 KiB pages" \
+    has '\] paging: 0x[0-9a-f]+-0x[0-9a-f]+ remapped with 4 KiB pages \([0-9]+ page tables'
+check "dirty: memory is a page-aligned stretch with an unmapped guard page" \
+    has '\] dirty: memory at 0x[0-9a-f]+000, 131072 bytes \(32 4 KiB pages\); guard page below unmapped$'
+check "dirty: exactly {0,5,19}, then {2}, then {}" \
+    bash -c 'grep -qF "activation 1 (0x0000, 0x5000, 0x5008, 0x13000): [0, 5, 19] (want" <<<"$1" &&
+        grep -qF "activation 2 (0x2000): [2] (want" <<<"$1" &&
+        grep -qF "no activation: [] (want" <<<"$1"' _ "$out"
+check "dirty: follows memory.grow to the new base (all 48 pages, then {33})" \
+    bash -c 'grep -qE "activation 3 \(memory.grow 1\): memory moved from 0x[0-9a-f]+ to 0x[0-9a-f]+, 196608 bytes; all 48 pages" <<<"$1" &&
+        grep -qF "activation 4 (0x21000): [33] (want" <<<"$1"' _ "$out"
+
+echo "== snapshot (test=snapshot: capture at a boundary, restore into a fresh nucleus)"
+boot "test=snapshot"
+printf '%s\n' "$out" | grep -E '\] (snapshot|test|counter):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "snapshot: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+root=$(printf '%s\n' "$out" | sed -nE 's/.*\] snapshot: taken at a boundary .* root ([0-9a-f]{64});.*/\1/p')
+check "snapshot: restored memory root matches the snapshot's (${root:0:16}...)" \
+    bash -c '[ -n "$1" ] && grep -qE "\] snapshot: restored into a fresh nucleus in [0-9.]+ us; memory root $1 \(matches\)$" <<<"$2"' _ "$root" "$out"
+check "snapshot: a tampered snapshot is refused" has '\] snapshot: tampered memory refused: .*Merkle root'
+check "snapshot: the counter continues exactly (6, 7, 8 on both copies)" \
+    has '\] snapshot: after restore, original answers \[6, 7, 8\], restored answers \[6, 7, 8\]$'
+
+echo "== bench (test=bench: empty activation round trip on native)"
+boot "test=bench"
+printf '%s\n' "$out" | grep -E '\] (bench|test):' | sed 's/^/    | /'
+echo "    (qemu exit status $rc, ${secs}s)"
+check "bench: exits with the success code ($EXIT_SUCCESS)" [ "$rc" -eq "$EXIT_SUCCESS" ]
+check "bench: Domain::activate median printed" \
+    has '\] bench: Domain::activate median [0-9]+\.[0-9] ns \(reps: '
+
 echo "== ipxe (chained: QEMU's iPXE ROM, DHCP and TFTP from QEMU user networking)"
 mkdir -p "$tmp/tftp"
 cp "$elf" "$tmp/tftp/metta-kernel"
@@ -287,6 +373,12 @@ if [ "$measure" = 1 ]; then
     done
     median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
     echo "median boot to lease: ${median}s"
+    echo "== measure: empty activation round trip on native under TCG (test=bench, 3 boots)"
+    for _ in 1 2 3; do
+        boot "test=bench"
+        printf '%s\n' "$out" | grep -E '\] bench: (Domain::activate|Nucleus::step|fuel rate)' | sed 's/^/    /'
+    done
+    echo "host figure for comparison: cargo run --release -p metta-nucleus --example activation"
 fi
 
 finish

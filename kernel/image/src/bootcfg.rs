@@ -14,7 +14,7 @@
 //! | `console=ttyS0`    | the console is COM1 (the only console there is; accepted for Linux-style command lines) |
 //! | `metta.test=<label>` | a free-form label for test harnesses; ignored              |
 //! | `panic-test`       | panic after boot, to exercise the panic path                 |
-//! | `test=<self-test>` | run a self-test after boot instead of the network ([`SelfTest`]): `timer`, `pagefault`, `ud`, `doublefault` |
+//! | `test=<self-test>` | run a self-test after boot instead of the network ([`SelfTest`]): `timer`, `pagefault`, `ud`, `doublefault`, `domains`, `dirty`, `snapshot`, `bench` |
 //!
 //! Anything else is an error: an unknown key or flag, a key without `=value` or
 //! with an empty value, a flag with a value, an unknown value, or a key given
@@ -35,7 +35,8 @@ pub enum NetMode {
 
 /// A self-test the kernel runs after boot (`test=<name>`), for the boot tests in
 /// `test.sh`. The fault tests end in the exception report and the panic exit
-/// code; `timer` ends with the success code.
+/// code; the others end with the success code, or the panic code if a check
+/// failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SelfTest {
     /// `test=timer`: wait for timer ticks with `hlt` in between and print their
@@ -48,11 +49,27 @@ pub enum SelfTest {
     /// `test=doublefault`: fault with an unusable stack, so the #PF cannot be
     /// delivered and becomes a #DF, handled on its own IST stack.
     DoubleFault,
+    /// `test=domains`: run the embedded test domains on the nucleus for ~1 s
+    /// (a counter and its client, a greedy `extra` domain, a 2 ms / 10 ms
+    /// domain, one that traps) and check the contracts, the round trips and
+    /// that the trap stayed local.
+    Domains,
+    /// `test=dirty`: a domain writes known pages; the page-table Dirty bits
+    /// must report exactly those, relative to its memory, also after a
+    /// `memory.grow` moved it.
+    Dirty,
+    /// `test=snapshot`: snapshot a counter at an activation boundary, restore
+    /// it into a fresh nucleus, check the memory root and that the count
+    /// continues.
+    Snapshot,
+    /// `test=bench`: the median time of an empty activation on this machine.
+    Bench,
 }
 
 impl SelfTest {
     /// The accepted values of `test=`.
-    pub const NAMES: &'static str = "timer, pagefault, ud, doublefault";
+    pub const NAMES: &'static str =
+        "timer, pagefault, ud, doublefault, domains, dirty, snapshot, bench";
 
     fn parse(value: &str) -> Option<Self> {
         Some(match value {
@@ -60,6 +77,10 @@ impl SelfTest {
             "pagefault" => SelfTest::PageFault,
             "ud" => SelfTest::InvalidOpcode,
             "doublefault" => SelfTest::DoubleFault,
+            "domains" => SelfTest::Domains,
+            "dirty" => SelfTest::Dirty,
+            "snapshot" => SelfTest::Snapshot,
+            "bench" => SelfTest::Bench,
             _ => return None,
         })
     }
@@ -71,6 +92,10 @@ impl SelfTest {
             SelfTest::PageFault => "pagefault",
             SelfTest::InvalidOpcode => "ud",
             SelfTest::DoubleFault => "doublefault",
+            SelfTest::Domains => "domains",
+            SelfTest::Dirty => "dirty",
+            SelfTest::Snapshot => "snapshot",
+            SelfTest::Bench => "bench",
         }
     }
 }
@@ -216,6 +241,10 @@ mod tests {
             ("test=pagefault", SelfTest::PageFault),
             ("test=ud", SelfTest::InvalidOpcode),
             ("test=doublefault", SelfTest::DoubleFault),
+            ("test=domains", SelfTest::Domains),
+            ("test=dirty", SelfTest::Dirty),
+            ("test=snapshot", SelfTest::Snapshot),
+            ("test=bench", SelfTest::Bench),
         ] {
             let line = format!("k metta.test=x {word}");
             let c = BootConfig::parse(&line).unwrap();

@@ -3,7 +3,12 @@
 //! ([`bootcfg`]), the choice of heap memory ([`memory`]), timestamp and timer
 //! arithmetic ([`time`]), the interrupt frame and exception reports
 //! ([`exception`]), the RTC's calendar to Unix time ([`rtc`]), the retry policy
-//! of the CPU's random-number instructions ([`hwrand`]), and the exit codes.
+//! of the CPU's random-number instructions ([`hwrand`]), the exit codes,
+//! page-table arithmetic for 4 KiB pages, guard pages and dirty-page tracking
+//! ([`paging`]), and the native driver of the nucleus without its clock
+//! ([`driver`]: routing, per-period accounting, fuel-rate tracking; with
+//! [`stats`] for medians, percentiles and calibration arithmetic), and the
+//! test domains embedded in the image ([`testdomains`]).
 //!
 //! Everything here works on byte slices and plain integers, so it builds for the
 //! kernel (`x86_64-unknown-none`, `no_std`) and for the host, where the unit tests
@@ -20,12 +25,18 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
 pub mod bootcfg;
 pub mod cmdline;
+pub mod driver;
 pub mod exception;
 pub mod exit;
 pub mod hwrand;
 pub mod memory;
 pub mod multiboot;
+pub mod paging;
 pub mod rtc;
+pub mod stats;
+pub mod testdomains;
 pub mod time;

@@ -1,6 +1,7 @@
 //! `metta-kernel`: the Metta native kernel image: boot, interrupts and a timer
-//! tick, the wall clock, hardware entropy, heap, PCI, and a virtio-net NIC
-//! configured by DHCP.
+//! tick, the wall clock, hardware entropy, a heap on 4 KiB pages, the nucleus
+//! (the same wasm domains, EDF scheduler and snapshots as `mettad`) with
+//! dirty-page tracking, PCI, and a virtio-net NIC configured by DHCP.
 //!
 //! # Boot path
 //!
@@ -23,16 +24,22 @@
 //!    prints the banner `metta-kernel <version> booted`, the loader name and the
 //!    command line, which it parses strictly ([`metta_kernel::bootcfg`] documents
 //!    the syntax: `net=dhcp|off`, `console=ttyS0`, `metta.test=<label>`,
-//!    `panic-test`, `test=timer|pagefault|ud|doublefault`; any other word is
-//!    rejected with a message and the boot-failure code).
+//!    `panic-test`, `test=timer|pagefault|ud|doublefault|domains|dirty|
+//!    snapshot|bench`; any other word is rejected with a message and the
+//!    boot-failure code).
 //! 4. It starts the time base ([`timer`]): the local APIC ([`apic`]) timer,
 //!    calibrated against the TSC, raises a periodic tick at [`timer::TICK_HZ`]
 //!    (1 kHz); then it enables interrupts. It prints the wall clock from the CMOS
 //!    RTC ([`cmos`]; `rtc: <ISO 8601> (unix <seconds>)`) and shows that the
 //!    hardware entropy source works ([`entropy`]: `RDSEED`, else `RDRAND`; two
 //!    16-byte draws differ, never printed) or says that the CPU has none.
-//! 5. Then it prints the multiboot memory map, gives the largest free RAM range
-//!    below 1 GiB to the heap ([`heap`], talc; `alloc` is available from here on).
+//! 5. Then it prints the multiboot memory map, takes the largest free RAM range
+//!    below 1 GiB, remaps it with 4 KiB pages ([`mmu`]: page tables from the
+//!    range's front) and gives the rest to the heap ([`heap`], talc; `alloc` is
+//!    available from here on). Allocations of 64 KiB and more — every domain's
+//!    linear memory — are *stretches*: page-aligned, whole pages, with an
+//!    unmapped guard page on each side, so the CPU's Dirty bits tell which
+//!    pages of a domain's memory were written ([`dirty`]).
 //!    `panic-test` panics here, to exercise the panic path; `test=<name>` runs
 //!    that self-test ([`selftest`]) and exits. Otherwise it lists every PCI
 //!    function on buses 0-255 ([`pci`], ports 0xCF8/0xCFC) and notes the first
@@ -45,6 +52,18 @@
 //!    alone. Otherwise it exits QEMU through `isa-debug-exit` with the success
 //!    code.
 //!
+//! # Domains
+//!
+//! The nucleus (`kernel/nucleus`, shared with `mettad`) runs here under the
+//! native driver ([`native`], around the clock-free core
+//! [`metta_kernel::driver`]): fuel calibrated against the TSC, the activation
+//! loop on [`timer::now_ns`] halting until the nucleus's next wake-up, routing
+//! between local domains, logs on serial prefixed with the domain's name.
+//! Until the network join exists, domains come from the test domains built
+//! into the image (`domains/*.wat`, [`metta_kernel::testdomains`]) and run in
+//! the self-tests `test=domains|dirty|snapshot|bench` ([`domaintest`]), on a
+//! 1 MiB stack of their own with a guard page ([`stack`]).
+//!
 //! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic or CPU
 //! exception 35, boot failure (entry stub, or a rejected command line) 37,
 //! network failure 39; see [`metta_kernel::exit`].
@@ -54,12 +73,16 @@
 //! host unit tests, and boots the image in QEMU: with `-kernel`, with
 //! `panic-test`, on a CPU without long mode, with `net=dhcp` on QEMU's user-mode
 //! network, with `net=dhcp` and no NIC, with a bad command line, with `-cpu max`
-//! (RDRAND), with each self-test, and chained from iPXE. Cargo takes
-//! that config from the working directory, so `--manifest-path` from elsewhere
-//! would build for the host; the binary refuses to compile there, saying so. The
-//! pure code (command line, memory map, exception reports, calendar arithmetic,
-//! entropy retry policy) lives in the library half of this crate (`src/lib.rs`)
-//! and is unit-tested on the host.
+//! (RDRAND), with each self-test (the fault reports, the timer, the domains on
+//! the nucleus, dirty pages, snapshot/restore, the activation benchmark), and
+//! chained from iPXE. Cargo takes that config from the working directory, so
+//! `--manifest-path` from elsewhere would build for the host; the binary
+//! refuses to compile there, saying so. The pure code (command line, memory
+//! map, exception reports, calendar arithmetic, entropy retry policy,
+//! page-table arithmetic, the driver's routing and accounting, percentiles and
+//! calibration arithmetic) lives in the library half of this crate
+//! (`src/lib.rs`) and is unit-tested on the host, the driver with the test
+//! domains on the real nucleus and a fake clock.
 #![no_std]
 #![no_main]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -79,16 +102,21 @@ mod apic;
 mod boot;
 mod cmos;
 mod cpu;
+mod dirty;
+mod domaintest;
 mod entropy;
 mod gdt;
 mod heap;
 mod interrupts;
+mod mmu;
+mod native;
 mod net;
 mod pci;
 mod pic;
 mod port;
 mod selftest;
 mod serial;
+mod stack;
 mod timer;
 mod tsc;
 
@@ -197,6 +225,12 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
         }
     };
 
+    let u = heap::in_use();
+    kprintln!(
+        "heap: {} bytes in use after boot (peak {})",
+        u.in_use,
+        u.peak
+    );
     if code == ExitCode::Success {
         kprintln!("boot complete, exiting");
     }
@@ -279,14 +313,24 @@ fn init_heap(info: &Info, info_addr: u64, cmdline: Option<&[u8]>) {
     // SAFETY: [base, base + len) is available RAM per the memory map, below the
     // identity-mapped limit, above 1 MiB, and clear of the image (with its stack
     // and page tables in .bss) and of the loader's data that the kernel still
-    // reads; `init_heap` runs once.
-    let size = unsafe { heap::init(base, len) };
+    // reads; `init_heap` runs once, before anything allocates.
+    let (heap_base, heap_len, tables) = unsafe { mmu::split(base, len) };
+    kprintln!(
+        "paging: {:#x}-{:#x} remapped with 4 KiB pages ({} page tables, {} KiB, from its start)",
+        base,
+        base + len - 1,
+        tables,
+        tables * 4
+    );
+    // SAFETY: as above: what `split` left of the range is still unused RAM,
+    // now mapped with 4 KiB pages.
+    let size = unsafe { heap::init(heap_base, heap_len) };
     kprintln!(
         "heap: {} bytes ({}) at {:#x}-{:#x}",
         size,
         Bytes(size as u64),
-        base,
-        base + len - 1
+        heap_base,
+        heap_base + heap_len - 1
     );
 }
 

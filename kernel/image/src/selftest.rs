@@ -1,14 +1,16 @@
 //! The self-tests selected with `test=<name>` on the command line, for
 //! `test.sh` ([`SelfTest`] lists them). The timer test returns the success
 //! code; the fault tests never return: the exception handler reports the fault
-//! and exits with the panic code.
+//! and exits with the panic code. The nucleus tests (`domains`, `dirty`,
+//! `snapshot`, `bench`) are in [`crate::domaintest`] and run on a stack of
+//! their own ([`crate::stack`]).
 
 use core::arch::asm;
 
 use metta_kernel::bootcfg::SelfTest;
 use metta_kernel::exit::ExitCode;
 
-use crate::{interrupts, kprintln, timer};
+use crate::{domaintest, interrupts, kprintln, stack, timer};
 
 /// An address outside the identity map (first 4 GiB): PML4 entry 1 is empty.
 /// It is canonical, so touching it is a page fault, not a #GP.
@@ -27,7 +29,18 @@ pub fn run(test: SelfTest) -> ExitCode {
         SelfTest::PageFault => page_fault(),
         SelfTest::InvalidOpcode => invalid_opcode(),
         SelfTest::DoubleFault => double_fault(),
+        SelfTest::Domains => on_own_stack(domaintest::domains),
+        SelfTest::Dirty => on_own_stack(domaintest::dirty),
+        SelfTest::Snapshot => on_own_stack(domaintest::snapshot),
+        SelfTest::Bench => on_own_stack(domaintest::bench),
     }
+}
+
+/// Runs `test` on a fresh [`stack::STACK_SIZE`] stack.
+fn on_own_stack(test: fn() -> ExitCode) -> ExitCode {
+    let mut code = ExitCode::Panic;
+    stack::run(|| code = test());
+    code
 }
 
 /// `a.bbb` with `digits` decimals, for `value / 10^digits`.

@@ -66,6 +66,11 @@ pub fn nanos_since_boot() -> u64 {
     ticks_to_nanos(ticks, TSC_HZ.load(Ordering::Relaxed))
 }
 
+/// Nanoseconds for `ticks` TSC ticks.
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    ticks_to_nanos(ticks, TSC_HZ.load(Ordering::Relaxed))
+}
+
 /// How the TSC frequency was obtained.
 #[derive(Clone, Copy, Debug)]
 pub struct Calibration {
