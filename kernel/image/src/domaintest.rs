@@ -203,6 +203,13 @@ fn domains_body() -> Check {
         d.rate_per_scale()
     );
 
+    let u = heap::in_use();
+    kprintln!(
+        "domains: heap {} bytes in use with the 5 domains live (of which {} KiB this test's stack), {} stretches",
+        u.in_use,
+        crate::stack::STACK_SIZE / 1024,
+        u.stretches
+    );
     let mut failures = Vec::new();
     for name in ["counter", "client", "greedy", "steady", "trap"] {
         let id = d.id(name).map_err(err)?;

@@ -794,7 +794,7 @@ mod tests {
         assert_eq!(r.met_real, 2);
         assert_eq!(r.guaranteed_ns, 5_600_000);
         assert_eq!(r.charged_ns, 5_600_000);
-        assert_eq!(r.p50_latency_ns, 5_000);
+        assert_eq!(r.p50_latency_ns, 10_000);
         assert_eq!(r.p99_latency_ns, 50_000);
         assert_eq!(r.max_latency_ns, 50_000);
         let r = contract_report(&VecDeque::new(), &c, 45_000_000, 900_000);
