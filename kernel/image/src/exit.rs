@@ -11,6 +11,10 @@
 //! | [`ExitCode::Panic`]: Rust panic, CPU exception, or unexpected interrupt | `0x11` | 35 |
 //! | [`ExitCode::BootFailure`]: entry stub refused to boot (no multiboot magic, no long mode), or the command line was rejected | `0x12` | 37 |
 //! | [`ExitCode::NetFailure`]: `net=dhcp` asked for, but no supported NIC, or no DHCP lease in time | `0x13` | 39 |
+//! | [`ExitCode::NoEntropy`]: `metta.ctl` given, but the CPU has no RDSEED/RDRAND (or they keep failing): no key can be made | `0x14` | 41 |
+//! | [`ExitCode::PinMismatch`]: the control plane is not the cluster the token pins (wrong cluster, or a man in the middle) | `0x15` | 43 |
+//! | [`ExitCode::TokenRejected`]: the cluster rejected the join token (unknown, expired, used up, revoked) | `0x16` | 45 |
+//! | [`ExitCode::LinkRefused`]: the cluster refused the node otherwise (its name, its certificate, a removed node), or the link failed for good | `0x17` | 47 |
 //!
 //! On real hardware (no such device) the write does nothing and the kernel halts.
 
@@ -32,6 +36,16 @@ pub enum ExitCode {
     BootFailure = 0x12,
     /// The network was asked for (`net=dhcp`) and could not be brought up.
     NetFailure = 0x13,
+    /// A join was asked for (`metta.ctl`) but there is no hardware entropy
+    /// to make the node's key from.
+    NoEntropy = 0x14,
+    /// The control plane did not present the CA pinned by the join token.
+    PinMismatch = 0x15,
+    /// The cluster rejected the join token.
+    TokenRejected = 0x16,
+    /// The cluster refused the node for another reason, or the link failed
+    /// in a way retrying cannot mend.
+    LinkRefused = 0x17,
 }
 
 impl ExitCode {
@@ -56,5 +70,9 @@ mod tests {
         assert_eq!(ExitCode::Panic.qemu_status(), 35);
         assert_eq!(ExitCode::BootFailure.qemu_status(), 37);
         assert_eq!(ExitCode::NetFailure.qemu_status(), 39);
+        assert_eq!(ExitCode::NoEntropy.qemu_status(), 41);
+        assert_eq!(ExitCode::PinMismatch.qemu_status(), 43);
+        assert_eq!(ExitCode::TokenRejected.qemu_status(), 45);
+        assert_eq!(ExitCode::LinkRefused.qemu_status(), 47);
     }
 }

@@ -1,14 +1,18 @@
 //! The hardware-independent parts of `metta-kernel`: reading the multiboot1 boot
 //! information, the kernel command line and its strict configuration syntax
-//! ([`bootcfg`]), the choice of heap memory ([`memory`]), timestamp and timer
+//! ([`bootcfg`]: also the join keys `metta.ctl`, `metta.token` with its
+//! secret kept off the console, `metta.name`, `metta.heartbeats`), the choice
+//! of heap memory ([`memory`]), timestamp and timer
 //! arithmetic ([`time`]), the interrupt frame and exception reports
 //! ([`exception`]), the RTC's calendar to Unix time ([`rtc`]), the retry policy
 //! of the CPU's random-number instructions ([`hwrand`]), the exit codes,
 //! page-table arithmetic for 4 KiB pages, guard pages and dirty-page tracking
 //! ([`paging`]), and the native driver of the nucleus without its clock
 //! ([`driver`]: routing, per-period accounting, fuel-rate tracking; with
-//! [`stats`] for medians, percentiles and calibration arithmetic), and the
-//! test domains embedded in the image ([`testdomains`]).
+//! [`stats`] for medians, percentiles and calibration arithmetic), the
+//! test domains embedded in the image ([`testdomains`]), and the policy of
+//! the link to the control plane ([`linkpolicy`]: backoff, and which
+//! failures are retried and which end the boot with which exit code).
 //!
 //! Everything here works on byte slices and plain integers, so it builds for the
 //! kernel (`x86_64-unknown-none`, `no_std`) and for the host, where the unit tests
@@ -33,6 +37,7 @@ pub mod driver;
 pub mod exception;
 pub mod exit;
 pub mod hwrand;
+pub mod linkpolicy;
 pub mod memory;
 pub mod multiboot;
 pub mod paging;

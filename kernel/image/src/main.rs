@@ -1,7 +1,8 @@
 //! `metta-kernel`: the Metta native kernel image: boot, interrupts and a timer
 //! tick, the wall clock, hardware entropy, a heap on 4 KiB pages, the nucleus
 //! (the same wasm domains, EDF scheduler and snapshots as `mettad`) with
-//! dirty-page tracking, PCI, and a virtio-net NIC configured by DHCP.
+//! dirty-page tracking, PCI, a virtio-net NIC configured by DHCP, and the
+//! join to a Metta cluster over TLS 1.3 on TCP, then heartbeats.
 //!
 //! # Boot path
 //!
@@ -25,8 +26,10 @@
 //!    command line, which it parses strictly ([`metta_kernel::bootcfg`] documents
 //!    the syntax: `net=dhcp|off`, `console=ttyS0`, `metta.test=<label>`,
 //!    `panic-test`, `test=timer|pagefault|ud|doublefault|domains|dirty|
-//!    snapshot|bench`; any other word is rejected with a message and the
-//!    boot-failure code).
+//!    snapshot|bench`, and the join: `metta.ctl=<ip>:<port>`,
+//!    `metta.token=<token>`, `metta.name=<name>`, `metta.heartbeats=<n>`;
+//!    any other word is rejected with a message and the boot-failure code).
+//!    The echo shows the token's id and CA pin, never its secret.
 //! 4. It starts the time base ([`timer`]): the local APIC ([`apic`]) timer,
 //!    calibrated against the TSC, raises a periodic tick at [`timer::TICK_HZ`]
 //!    (1 kHz); then it enables interrupts. It prints the wall clock from the CMOS
@@ -42,8 +45,11 @@
 //!    pages of a domain's memory were written ([`dirty`]).
 //!    `panic-test` panics here, to exercise the panic path; `test=<name>` runs
 //!    that self-test ([`selftest`]) and exits. Otherwise it lists every PCI
-//!    function on buses 0-255 ([`pci`], ports 0xCF8/0xCFC) and notes the first
-//!    virtio-net function (1af4:1000 or 1af4:1041).
+//!    function on bus 0 and behind its bridges ([`pci`], ports 0xCF8/0xCFC)
+//!    and notes the first virtio-net function (1af4:1000 or 1af4:1041).
+//!    With `metta.ctl` it first (before the PCI scan) makes the node's key
+//!    from RDSEED/RDRAND ([`link::Identity`]); a CPU without them ends the
+//!    boot here with the no-entropy code.
 //! 6. With `net=dhcp` it drives that NIC with `virtio-drivers` (PCI transport,
 //!    virtio 1.0 capabilities) as a `smoltcp` device ([`net`]), prints its MAC,
 //!    busy-polls DHCP for up to 10 s and prints `net: dhcp lease <ip>/<prefix>
@@ -51,6 +57,17 @@
 //!    network-failure code. With `net=off` (the default) the network is left
 //!    alone. Otherwise it exits QEMU through `isa-debug-exit` with the success
 //!    code.
+//! 7. With `metta.ctl` it joins the cluster and heartbeats ([`link`], on a
+//!    stack of its own): TCP to the control plane, a TLS 1.3 session pinned
+//!    to the token's CA (`metta-link`: rustls unbuffered, RustCrypto),
+//!    certificates checked against the RTC; `joined cluster <c> as
+//!    node/<id> in <ms> ms (certificate until <date>)`; then a heartbeat a
+//!    second (1 CPU, the usable memory of the memory map) on a member session
+//!    with the issued certificate, until stopped (or `metta.heartbeats`
+//!    acknowledged, then the success code). An unreachable or restarting
+//!    control plane is retried with backoff and the reason on serial; the
+//!    wrong cluster, a rejected token or a refused node end the boot with
+//!    their own exit codes.
 //!
 //! # Domains
 //!
@@ -66,7 +83,9 @@
 //!
 //! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic or CPU
 //! exception 35, boot failure (entry stub, or a rejected command line) 37,
-//! network failure 39; see [`metta_kernel::exit`].
+//! network failure 39, no hardware entropy for the node key 41, the server is
+//! not the cluster the token pins 43, the token was rejected 45, the node was
+//! refused otherwise 47; see [`metta_kernel::exit`].
 //!
 //! Build and test: `kernel/image/test.sh` builds with `cargo build --release`
 //! inside `kernel/image` (whose `.cargo/config.toml` selects the target), runs the
@@ -74,13 +93,15 @@
 //! `panic-test`, on a CPU without long mode, with `net=dhcp` on QEMU's user-mode
 //! network, with `net=dhcp` and no NIC, with a bad command line, with `-cpu max`
 //! (RDRAND), with each self-test (the fault reports, the timer, the domains on
-//! the nucleus, dirty pages, snapshot/restore, the activation benchmark), and
-//! chained from iPXE. Cargo takes that config from the working directory, so
+//! the nucleus, dirty pages, snapshot/restore, the activation benchmark),
+//! joining a real `mettad` (and its failures: a restart under it, the wrong
+//! pin, a used or unknown token, nothing listening, no entropy, malformed
+//! join keys), and chained from iPXE. Cargo takes that config from the working directory, so
 //! `--manifest-path` from elsewhere would build for the host; the binary
 //! refuses to compile there, saying so. The pure code (command line, memory
 //! map, exception reports, calendar arithmetic, entropy retry policy,
 //! page-table arithmetic, the driver's routing and accounting, percentiles and
-//! calibration arithmetic) lives in the library half of this crate
+//! calibration arithmetic, the link's backoff and failure verdicts) lives in the library half of this crate
 //! (`src/lib.rs`) and is unit-tested on the host, the driver with the test
 //! domains on the real nucleus and a fake clock.
 #![no_std]
@@ -108,6 +129,7 @@ mod entropy;
 mod gdt;
 mod heap;
 mod interrupts;
+mod link;
 mod mmu;
 mod native;
 mod net;
@@ -123,7 +145,7 @@ mod tsc;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use metta_kernel::bootcfg::{BootConfig, NetMode};
+use metta_kernel::bootcfg::{default_node_name, BootConfig, JoinConfig, NetMode, Redacted};
 use metta_kernel::cmdline::Cmdline;
 use metta_kernel::exit::{ExitCode, DEBUG_EXIT_PORT};
 use metta_kernel::memory::heap_region;
@@ -190,7 +212,8 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
     let cmdline = cmdline_bytes
         .map(Cmdline::from_bytes)
         .unwrap_or(Cmdline(""));
-    kprintln!("cmdline: \"{}\"", cmdline.0);
+    // The token's secret never reaches the console.
+    kprintln!("cmdline: \"{}\"", Redacted(cmdline.0));
     let config = match BootConfig::parse(cmdline.0) {
         Ok(config) => config,
         Err(e) => {
@@ -203,7 +226,7 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
     print_wall_clock();
     print_entropy_proof();
 
-    print_memory_map(&info);
+    let usable = print_memory_map(&info);
     init_heap(&info, info_addr, cmdline_bytes);
 
     if config.panic_test {
@@ -212,10 +235,23 @@ extern "C" fn kmain(multiboot_magic: u32, info_addr: u64) -> ! {
     if let Some(test) = config.self_test {
         exit_qemu(selftest::run(test));
     }
+    // The key first: without hardware entropy there is no point in
+    // bringing up the network.
+    let identity = match &config.join {
+        Some(_) => match link::Identity::create() {
+            Ok(id) => Some(id),
+            Err(code) => exit_qemu(code),
+        },
+        None => None,
+    };
 
     let nic = scan_pci();
     let code = match config.net {
-        NetMode::Dhcp => bring_up_network(nic),
+        NetMode::Dhcp => match (bring_up_network(nic), &config.join, identity) {
+            (Err(code), _, _) => code,
+            (Ok(mut net), Some(join), Some(id)) => run_link(&mut net, join, id, usable),
+            (Ok(_), _, _) => ExitCode::Success,
+        },
         NetMode::Off => {
             match nic {
                 Some(df) => kprintln!("net: virtio-net at {df} left unconfigured (net=off)"),
@@ -334,7 +370,8 @@ fn init_heap(info: &Info, info_addr: u64, cmdline: Option<&[u8]>) {
     );
 }
 
-/// List every PCI function (`pci: BB:DD.F vendor:device class CC.SS`); the
+/// List every PCI function (`pci: BB:DD.F vendor:device class CC.SS`) on bus
+/// 0 and behind its bridges; the
 /// first virtio-net function found, if any.
 fn scan_pci() -> Option<DeviceFunction> {
     let root = pci::root();
@@ -360,18 +397,49 @@ fn scan_pci() -> Option<DeviceFunction> {
     nic
 }
 
+/// `metta.ctl`: join the cluster and heartbeat ([`link`]), on a stack of its
+/// own (TLS and the crypto want more than the boot stack).
+fn run_link(
+    net: &mut net::Net,
+    join: &JoinConfig<'_>,
+    id: link::Identity,
+    usable: u64,
+) -> ExitCode {
+    let node = link::NodeInfo {
+        name: match join.name {
+            Some(n) => n.into(),
+            None => default_node_name(net.mac()),
+        },
+        resources: metta_proto::NodeResources {
+            // Only the boot CPU runs: that is what the node can offer.
+            cpus: 1,
+            memory_bytes: usable,
+            arch: "x86_64".into(),
+        },
+        lease_ns: timer::now_ns(),
+    };
+    let mut id = Some(id);
+    let mut code = ExitCode::Panic;
+    stack::run(|| {
+        if let Some(id) = id.take() {
+            code = link::run(net, join, id, &node);
+        }
+    });
+    code
+}
+
 /// `net=dhcp`: bring up the virtio-net NIC and get a DHCP lease.
-fn bring_up_network(nic: Option<DeviceFunction>) -> ExitCode {
+fn bring_up_network(nic: Option<DeviceFunction>) -> Result<net::Net, ExitCode> {
     let Some(df) = nic else {
         kprintln!("net: no supported NIC found");
-        return ExitCode::NetFailure;
+        return Err(ExitCode::NetFailure);
     };
     let mut root = pci::root();
-    let mut dev = match net::NetDevice::new(&mut root, df) {
+    let dev = match net::NetDevice::new(&mut root, df) {
         Ok(dev) => dev,
         Err(e) => {
             kprintln!("net: virtio-net at {df}: {e}");
-            return ExitCode::NetFailure;
+            return Err(ExitCode::NetFailure);
         }
     };
     let m = dev.mac();
@@ -385,34 +453,39 @@ fn bring_up_network(nic: Option<DeviceFunction>) -> ExitCode {
         m[5]
     );
     let timeout = smoltcp::time::Duration::from_secs(DHCP_TIMEOUT_SECS);
-    match net::dhcp(&mut dev, timeout) {
-        Some((_iface, lease)) => {
+    match net::dhcp(dev, timeout) {
+        Some(net) => {
+            let lease = net.lease();
             match lease.router {
                 Some(gw) => kprintln!("net: dhcp lease {} gw {gw}", lease.address),
                 None => kprintln!("net: dhcp lease {} gw none", lease.address),
             }
-            ExitCode::Success
+            Ok(net)
         }
         None => {
             kprintln!("net: dhcp: no lease within {DHCP_TIMEOUT_SECS} s");
-            ExitCode::NetFailure
+            Err(ExitCode::NetFailure)
         }
     }
 }
 
-/// Print the multiboot memory map and the total usable memory.
-fn print_memory_map(info: &Info) {
+/// Print the multiboot memory map and the total usable memory; returns it
+/// (from `mem_lower`/`mem_upper` if there is no map).
+fn print_memory_map(info: &Info) -> u64 {
     let Some(bytes) = info
         .mmap
         .and_then(|(addr, len)| phys_bytes(addr.into(), len as usize))
     else {
         match info.mem_kib {
-            Some((lower, upper)) => kprintln!(
-                "memory map: none from the loader; mem_lower {lower} KiB, mem_upper {upper} KiB"
-            ),
+            Some((lower, upper)) => {
+                kprintln!(
+                    "memory map: none from the loader; mem_lower {lower} KiB, mem_upper {upper} KiB"
+                );
+                return (u64::from(lower) + u64::from(upper)) * 1024;
+            }
             None => kprintln!("memory map: none from the loader"),
         }
-        return;
+        return 0;
     };
     let map = MemoryMap::new(bytes);
     kprintln!("memory map ({} entries):", map.clone().count());
@@ -427,6 +500,7 @@ fn print_memory_map(info: &Info) {
     }
     let usable = map.usable_bytes();
     kprintln!("usable memory: {} bytes ({})", usable, Bytes(usable));
+    usable
 }
 
 /// `len` bytes of physical memory at `addr`, if they lie in the identity map.

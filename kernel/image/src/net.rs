@@ -1,8 +1,11 @@
 //! The network: the virtio-net NIC (driven by `virtio-drivers` over its PCI
-//! transport) as a `smoltcp` device, and DHCP on it.
+//! transport) as a `smoltcp` device, DHCP on it, and TCP sockets for the
+//! link to the control plane ([`Net`]).
 //!
-//! The NIC's interrupts are not used: everything busy-polls, bounded by
-//! deadlines on the TSC clock.
+//! The NIC's interrupts are not used: DHCP busy-polls, bounded by a deadline
+//! on the TSC clock; the link ([`crate::link`]) polls with `hlt` between polls,
+//! woken by the 1 kHz timer tick. The DHCP socket stays in the socket set
+//! after the lease, so [`Net::poll`] renews it (and reports a change).
 
 use alloc::alloc::{alloc_zeroed, dealloc, Layout};
 use alloc::format;
@@ -12,9 +15,9 @@ use core::cell::RefCell;
 use core::hint::spin_loop;
 use core::ptr::NonNull;
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
-use smoltcp::socket::dhcpv4;
+use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 use virtio_drivers::device::net::VirtIONet;
@@ -23,7 +26,7 @@ use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 use crate::pci::PortCam;
-use crate::{tsc, MMIO_LIMIT};
+use crate::{kprintln, tsc, MMIO_LIMIT};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_VENDOR: u16 = 0x1af4;
@@ -181,7 +184,10 @@ impl Device for NetDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MTU;
-        caps.max_burst_size = Some(1);
+        // Caps the TCP receive window at this many segments: as many as the
+        // receive queue has buffers (when they are all full QEMU holds
+        // further frames back rather than dropping them).
+        caps.max_burst_size = Some(QUEUE_SIZE);
         caps
     }
 }
@@ -200,18 +206,53 @@ pub struct Lease {
     pub router: Option<Ipv4Address>,
 }
 
+/// TCP buffer sizes of a link socket: a join answer is a few KiB, a
+/// heartbeat less.
+const TCP_BUFFER: usize = 32 * 1024;
+
+/// The configured network: the NIC, the interface with its lease, and the
+/// sockets (DHCP, and the link's TCP sockets).
+pub struct Net {
+    dev: NetDevice,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dhcp: SocketHandle,
+    lease: Lease,
+}
+
+impl core::fmt::Debug for Net {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Net")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+fn configure(iface: &mut Interface, cfg: &dhcpv4::Config<'_>) {
+    iface.update_ip_addrs(|addrs| {
+        addrs.clear();
+        // One address fits the vector's capacity.
+        let _ = addrs.push(IpCidr::Ipv4(cfg.address));
+    });
+    iface.routes_mut().remove_default_ipv4_route();
+    if let Some(router) = cfg.router {
+        // Only fails when the route table is full; it is empty.
+        let _ = iface.routes_mut().add_default_ipv4_route(router);
+    }
+}
+
 /// Run DHCP on `dev` until a lease is configured or `timeout` passes (busy
 /// polling). On success the interface carries the address and default route.
-pub fn dhcp(dev: &mut NetDevice, timeout: Duration) -> Option<(Interface, Lease)> {
+pub fn dhcp(mut dev: NetDevice, timeout: Duration) -> Option<Net> {
     let mac = EthernetAddress(dev.mac());
     let mut config = Config::new(HardwareAddress::Ethernet(mac));
     config.random_seed = tsc::rdtsc();
-    let mut iface = Interface::new(config, dev, now());
+    let mut iface = Interface::new(config, &mut dev, now());
     let mut sockets = SocketSet::new(Vec::new());
     let handle = sockets.add(dhcpv4::Socket::new());
     let deadline = now() + timeout;
     while now() < deadline {
-        iface.poll(now(), dev, &mut sockets);
+        iface.poll(now(), &mut dev, &mut sockets);
         if let Some(dhcpv4::Event::Configured(cfg)) =
             sockets.get_mut::<dhcpv4::Socket>(handle).poll()
         {
@@ -219,18 +260,82 @@ pub fn dhcp(dev: &mut NetDevice, timeout: Duration) -> Option<(Interface, Lease)
                 address: cfg.address,
                 router: cfg.router,
             };
-            iface.update_ip_addrs(|addrs| {
-                addrs.clear();
-                // One address fits the vector's capacity.
-                let _ = addrs.push(IpCidr::Ipv4(cfg.address));
+            configure(&mut iface, &cfg);
+            return Some(Net {
+                dev,
+                iface,
+                sockets,
+                dhcp: handle,
+                lease,
             });
-            if let Some(router) = cfg.router {
-                // Only fails when the route table is full; it is empty.
-                let _ = iface.routes_mut().add_default_ipv4_route(router);
-            }
-            return Some((iface, lease));
         }
         spin_loop();
     }
     None
+}
+
+impl Net {
+    /// The NIC's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.dev.mac()
+    }
+
+    /// The current lease.
+    pub fn lease(&self) -> Lease {
+        self.lease
+    }
+
+    /// Moves packets: receive, run the sockets' timers, transmit; keeps the
+    /// DHCP lease (renewals, a new address, a lost lease are reported).
+    pub fn poll(&mut self) {
+        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+        match self.sockets.get_mut::<dhcpv4::Socket>(self.dhcp).poll() {
+            Some(dhcpv4::Event::Configured(cfg)) => {
+                if cfg.address != self.lease.address || cfg.router != self.lease.router {
+                    kprintln!("net: dhcp: new lease {}", cfg.address);
+                }
+                self.lease = Lease {
+                    address: cfg.address,
+                    router: cfg.router,
+                };
+                configure(&mut self.iface, &cfg);
+            }
+            Some(dhcpv4::Event::Deconfigured) => {
+                kprintln!("net: dhcp: lease {} lost; asking again", self.lease.address);
+                self.iface.update_ip_addrs(|a| a.clear());
+                self.iface.routes_mut().remove_default_ipv4_route();
+            }
+            None => {}
+        }
+    }
+
+    /// A new TCP socket connecting from `local_port` to `remote`
+    /// (the SYN goes out at the next [`poll`](Self::poll)).
+    pub fn tcp_connect(
+        &mut self,
+        remote: (Ipv4Address, u16),
+        local_port: u16,
+    ) -> Result<SocketHandle, tcp::ConnectError> {
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(alloc::vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(alloc::vec![0; TCP_BUFFER]),
+        );
+        // Acknowledge at once: the server's flights are small and the poll
+        // loop is tick-driven, a delayed ACK would only add latency.
+        sock.set_ack_delay(None);
+        sock.set_nagle_enabled(false);
+        sock.connect(self.iface.context(), remote, local_port)?;
+        Ok(self.sockets.add(sock))
+    }
+
+    /// The TCP socket `h`.
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    /// Drops the TCP socket `h` (abort it first, or close it and poll, to tell
+    /// the peer).
+    pub fn remove(&mut self, h: SocketHandle) {
+        self.sockets.remove(h);
+    }
 }

@@ -1,9 +1,14 @@
 //! PCI configuration space through the legacy port mechanism (#1: the address at
 //! port 0xCF8, the data at 0xCFC), bus enumeration, and the
 //! [`ConfigurationAccess`] that `virtio-drivers` uses to reach a device.
+//!
+//! Enumeration starts at bus 0 and follows PCI-to-PCI bridges to the buses
+//! the firmware numbered behind them (their secondary bus number), instead
+//! of probing all 256 buses: under TCG each probe is a trapped port access,
+//! and the blind sweep cost ~30 ms of the boot.
 
 use virtio_drivers::transport::pci::bus::{
-    ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, PciRoot,
+    ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType, PciRoot,
 };
 
 use crate::port::{inl, outl};
@@ -56,14 +61,36 @@ pub fn root() -> PciRoot<PortCam> {
     PciRoot::new(PortCam)
 }
 
-/// Every function on buses 0..=255, in order, passed to `f`.
+/// Offset of the bridge's bus numbers (primary, secondary, subordinate) in a
+/// type 1 header.
+const BRIDGE_BUS_NUMBERS: u8 = 0x18;
+
+/// Every function on bus 0 and on the buses behind its bridges
+/// (depth first), passed to `f`.
 pub fn for_each_function(
     root: &PciRoot<PortCam>,
     mut f: impl FnMut(DeviceFunction, &DeviceFunctionInfo),
 ) {
-    for bus in 0..=255u8 {
+    // Buses to visit; each bus at most once (a misprogrammed bridge must not
+    // make a loop).
+    let mut visited = [false; 256];
+    let mut pending = [0u8; 256];
+    let mut top = 1; // pending[0] = bus 0
+    while top > 0 {
+        top -= 1;
+        let bus = pending[top];
+        if core::mem::replace(&mut visited[usize::from(bus)], true) {
+            continue;
+        }
         for (df, info) in root.enumerate_bus(bus) {
             f(df, &info);
+            if info.header_type == HeaderType::PciPciBridge {
+                let secondary = (PortCam.read_word(df, BRIDGE_BUS_NUMBERS) >> 8) as u8;
+                if secondary != 0 && !visited[usize::from(secondary)] && top < pending.len() {
+                    pending[top] = secondary;
+                    top += 1;
+                }
+            }
         }
     }
 }

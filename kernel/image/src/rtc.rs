@@ -156,7 +156,38 @@ pub fn days_from_civil(year: i64, month: u8, day: u8) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The date of the proleptic Gregorian calendar `days` after 1970-01-01
+/// (negative before): `(year, month, day)`. The inverse of
+/// [`days_from_civil`] (Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // March = 0
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 impl DateTime {
+    /// The UTC date and time of `secs` seconds since 1970-01-01 00:00:00
+    /// UTC (years outside 0-65535 saturate: certificates say 9999 at most).
+    pub fn from_unix(secs: i64) -> DateTime {
+        let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+        let rem = secs.rem_euclid(86_400);
+        DateTime {
+            year: year.clamp(0, i64::from(u16::MAX)) as u16,
+            month,
+            day,
+            hour: (rem / 3_600) as u8,
+            minute: (rem / 60 % 60) as u8,
+            second: (rem % 60) as u8,
+        }
+    }
+
     /// Seconds since 1970-01-01 00:00:00 UTC.
     pub fn unix_seconds(&self) -> i64 {
         let days = days_from_civil(i64::from(self.year), self.month, self.day);
@@ -216,6 +247,28 @@ mod tests {
         );
         assert_eq!(dt(2100, 3, 1, 0, 0, 0).unix_seconds(), 4_107_542_400);
         assert_eq!(days_from_civil(1969, 12, 31), -1);
+    }
+
+    #[test]
+    fn from_unix_inverts_unix_seconds() {
+        for t in [
+            dt(1970, 1, 1, 0, 0, 0),
+            dt(2000, 2, 29, 23, 59, 59),
+            dt(2024, 12, 31, 12, 0, 1),
+            dt(2025, 11, 21, 10, 53, 7),
+            dt(2100, 3, 1, 0, 0, 0),
+            dt(9999, 12, 31, 23, 59, 59),
+        ] {
+            assert_eq!(DateTime::from_unix(t.unix_seconds()), t);
+        }
+        assert_eq!(
+            DateTime::from_unix(1_763_722_387).to_string(),
+            "2025-11-21T10:53:07Z"
+        );
+        for days in (-800_000..800_000).step_by(997) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]
