@@ -1,10 +1,15 @@
 //! `metta-bench`: registry write throughput and latency of a 3-voter Metta
 //! cluster side by side with a 3-member etcd cluster, both on 127.0.0.1 with
-//! fsync'd logs, and the latency of joining a node. See `docs/benchmarks.md`.
+//! fsync'd logs, and the latency of joining a node (the default mode);
+//! domain start latency (`start-latency`); QoS crosstalk on a real `mettad`
+//! vs Linux CFS bandwidth control (`qos`). See `docs/benchmarks.md`.
 
+mod cfs;
 mod etcd;
 mod metta;
 mod procs;
+mod qos;
+mod start;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -26,8 +31,10 @@ const MAX_OPS_PER_CLIENT: u64 = 10_000_000;
 /// A single request taking longer than this counts as an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Registry write throughput and p50/p99 latency of a 3-voter Metta cluster
-/// against a 3-member etcd cluster, both on 127.0.0.1, plus join latency.
+/// Metta benchmarks on 127.0.0.1. Without a subcommand: registry write
+/// throughput and p50/p99 latency of a 3-voter Metta cluster against a
+/// 3-member etcd cluster, plus join latency (the options below).
+/// `start-latency` and `qos` have their own options (`--help` on each).
 ///
 /// Each run starts both clusters from scratch in a temporary directory: Metta
 /// with `mettactl init --no-start`, a control token with 2 uses, two
@@ -49,7 +56,37 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Debian's `etcd-server` package (`--etcd`). Everything started is stopped on
 /// exit, on error and on Ctrl-C.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    writes: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// Domain start latency: `run` -> first activation, on loopback.
+    StartLatency(start::StartArgs),
+    /// QoS crosstalk on a real 1-lane mettad vs Linux CFS bandwidth control.
+    Qos(qos::QosArgs),
+    /// (internal) A busy loop: a greedy Linux neighbour for `qos`.
+    #[command(hide = true)]
+    CfsBusy,
+    /// (internal) The measured Linux process of `qos`.
+    #[command(hide = true)]
+    CfsRecord {
+        /// How long to stay busy, s.
+        #[arg(long)]
+        secs: f64,
+        /// Where to write what it recorded.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Options of the registry write benchmark (the default mode).
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Length of each timed phase, e.g. 8s, 1m.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
@@ -325,9 +362,10 @@ struct RunResult {
     etcd_version: Option<String>,
 }
 
-fn find_bins(args: &Args) -> anyhow::Result<Bins> {
-    let dir = match &args.bin_dir {
-        Some(d) => d.clone(),
+/// `mettad` and `mettactl` in `bin_dir`, or next to this binary.
+fn find_bins(bin_dir: Option<&Path>) -> anyhow::Result<Bins> {
+    let dir = match bin_dir {
+        Some(d) => d.to_path_buf(),
         None => std::env::current_exe()?
             .parent()
             .ok_or_else(|| anyhow!("this binary has no parent directory"))?
@@ -565,6 +603,7 @@ struct Ratio {
     p99_ms: f64,
 }
 
+/// The machine, for the reports.
 #[derive(Debug, Clone, Serialize)]
 struct Machine {
     cores: usize,
@@ -602,7 +641,7 @@ struct Report {
     per_run: Vec<RunResult>,
 }
 
-fn machine(args: &Args) -> Machine {
+fn machine_info(work_dir: Option<&Path>) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -619,10 +658,8 @@ fn machine(args: &Args) -> Machine {
             .unwrap_or_default()
             .trim()
             .to_string(),
-        work_dir: args
-            .work_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir)
+        work_dir: work_dir
+            .map_or_else(std::env::temp_dir, Path::to_path_buf)
             .display()
             .to_string(),
     }
@@ -696,7 +733,7 @@ fn summarize(args: &Args, runs: Vec<RunResult>) -> Report {
         keys_per_client: args.keys_per_client,
         mettad_log: args.mettad_log.clone(),
         etcd_version: runs.iter().find_map(|r| r.etcd_version.clone()),
-        machine: machine(args),
+        machine: machine_info(args.work_dir.as_deref()),
         targets: Targets {
             throughput_at_max_clients: at_max.map(|r| r.ops_per_sec >= 1.0),
             p99_at_max_clients: at_max.map(|r| r.p99_ms <= 1.0),
@@ -845,7 +882,7 @@ async fn bench(args: &Args) -> anyhow::Result<Report> {
     if args.value_size == 0 || args.value_size > 1024 * 1024 {
         bail!("--value-size must be 1 byte to 1 MiB");
     }
-    let bins = find_bins(args)?;
+    let bins = find_bins(args.bin_dir.as_deref())?;
     let etcd_bin = if args.no_etcd {
         None
     } else {
@@ -860,6 +897,41 @@ async fn bench(args: &Args) -> anyhow::Result<Report> {
         );
     }
     Ok(summarize(args, runs))
+}
+
+/// Runs `start-latency` or `qos` on a runtime, stopping everything on
+/// Ctrl-C/SIGTERM (the future, and with it every `Procs` guard, is dropped).
+fn other_mode(mode: Mode) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("metta-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let run = async {
+            match mode {
+                Mode::StartLatency(a) => start::main(a).await,
+                Mode::Qos(a) => qos::main(a).await,
+                _ => Err(anyhow!("not a benchmark mode")),
+            }
+        };
+        tokio::select! {
+            r = run => r,
+            why = interrupted() => Err(anyhow!(why)),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metta-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn interrupted() -> &'static str {
@@ -877,8 +949,42 @@ async fn interrupted() -> &'static str {
     }
 }
 
+/// Prints `report` as `output` asks and writes it as JSON to `save_json`.
+fn emit<R: Serialize>(
+    report: &R,
+    output: Output,
+    save_json: Option<&Path>,
+    table: impl Fn(&R),
+) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report).context("encoding the report")?;
+    if let Some(p) = save_json {
+        std::fs::write(p, text.clone() + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    match output {
+        Output::Table => table(report),
+        Output::Json => println!("{text}"),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = cli.writes;
+    match cli.mode {
+        None => {}
+        Some(Mode::CfsBusy) => cfs::busy(),
+        Some(Mode::CfsRecord { secs, out }) => {
+            return match cfs::record(secs, &out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("metta-bench cfs-record: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(mode @ (Mode::StartLatency(_) | Mode::Qos(_))) => return other_mode(mode),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,6 +1,8 @@
-//! A 3-voter Metta cluster on 127.0.0.1, set up the way an operator would
-//! (`mettactl init --no-start`, a control token with 2 uses, two
-//! `mettactl join --no-start`, three `mettad`), and its API clients.
+//! A Metta cluster on 127.0.0.1 (one node, or three voters), set up the way
+//! an operator would (`mettactl init --no-start`, a control token with 2
+//! uses, two `mettactl join --no-start`, one `mettad` per node), its API
+//! clients, and the domain calls the benchmarks make (vendor, image push,
+//! run, ps, stop).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use metta_control::client::Client;
 use metta_control::config::ClientConfig;
 use metta_control::setup::{self, JoinOptions};
-use metta_proto::{ApiRequest, Reply};
+use metta_proto::{ApiRequest, Contract, DomainStatus, Reply, RunSpec};
 use serde_json::Value;
 
 use crate::procs::{free_udp_addr, wait_for, Procs};
@@ -52,13 +54,42 @@ pub struct MettaCluster {
     pub leader: String,
     /// A follower's address.
     pub follower: String,
+    /// That follower's node name.
+    pub follower_name: String,
     /// `join_ms` of the two setup joins (`mettactl join -o json`), made while
     /// the cluster had a single voter.
     pub setup_join_ms: Vec<f64>,
 }
 
-async fn mettactl(bins: &Bins, admin: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = tokio::process::Command::new(&bins.mettactl);
+/// How to start a cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterOpts {
+    /// 1 (a single voter) or 3 (three voters).
+    pub nodes: usize,
+    /// Run `mettactl init` and every `mettad` under `taskset -c CPU`: the
+    /// node records 1 CPU and runs 1 nucleus lane, on that CPU.
+    pub pin_cpu: Option<u32>,
+}
+
+/// `mettactl --config ADMIN ARGS...` (under `taskset -c CPU` if `pin`), run
+/// in the directory holding the admin config (`vendor keygen` writes there).
+async fn mettactl(
+    bins: &Bins,
+    admin: &Path,
+    pin: Option<u32>,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let mut cmd = match pin {
+        Some(cpu) => {
+            let mut c = tokio::process::Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(&bins.mettactl);
+            c
+        }
+        None => tokio::process::Command::new(&bins.mettactl),
+    };
+    if let Some(dir) = admin.parent() {
+        cmd.current_dir(dir);
+    }
     cmd.arg("--config")
         .arg(admin)
         .args(args)
@@ -78,8 +109,22 @@ async fn mettactl(bins: &Bins, admin: &Path, args: &[&str]) -> anyhow::Result<St
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn spawn_mettad(bins: &Bins, procs: &mut Procs, n: &MettaNode, log: &str) -> anyhow::Result<()> {
-    let mut cmd = std::process::Command::new(&bins.mettad);
+fn spawn_mettad(
+    bins: &Bins,
+    procs: &mut Procs,
+    n: &MettaNode,
+    log: &str,
+    pin: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut cmd = match pin {
+        // taskset execs mettad: same pid, and PDEATHSIG survives the exec.
+        Some(cpu) => {
+            let mut c = std::process::Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(&bins.mettad);
+            c
+        }
+        None => std::process::Command::new(&bins.mettad),
+    };
     cmd.arg("--data-dir").arg(&n.data).arg("--log").arg(log);
     procs.spawn(
         &format!("mettad {}", n.name),
@@ -90,14 +135,34 @@ fn spawn_mettad(bins: &Bins, procs: &mut Procs, n: &MettaNode, log: &str) -> any
 }
 
 impl MettaCluster {
-    /// Creates and starts the cluster in `dir`; returns once `nodes -o json`
-    /// lists 3 nodes, all up, one leader and two followers.
+    /// Creates and starts a 3-voter cluster in `dir`; returns once `nodes -o
+    /// json` lists 3 nodes, all up, one leader and two followers.
     pub async fn start(
         dir: &Path,
         bins: &Bins,
         procs: &mut Procs,
         log: &str,
     ) -> anyhow::Result<MettaCluster> {
+        let opts = ClusterOpts {
+            nodes: 3,
+            pin_cpu: None,
+        };
+        MettaCluster::start_with(dir, bins, procs, log, opts).await
+    }
+
+    /// Creates and starts a cluster of `opts.nodes` voters (1 or 3) in
+    /// `dir`; returns once all are up, with one leader.
+    pub async fn start_with(
+        dir: &Path,
+        bins: &Bins,
+        procs: &mut Procs,
+        log: &str,
+        opts: ClusterOpts,
+    ) -> anyhow::Result<MettaCluster> {
+        if opts.nodes != 1 && opts.nodes != 3 {
+            bail!("a benchmark cluster has 1 or 3 nodes, not {}", opts.nodes);
+        }
+        let pin = opts.pin_cpu;
         let admin_path = dir.join("admin.conf");
         let node = |i: usize| -> anyhow::Result<MettaNode> {
             Ok(MettaNode {
@@ -110,6 +175,7 @@ impl MettaCluster {
         mettactl(
             bins,
             &admin_path,
+            pin,
             &[
                 "init",
                 "--cluster",
@@ -124,7 +190,7 @@ impl MettaCluster {
             ],
         )
         .await?;
-        spawn_mettad(bins, procs, &first, log)?;
+        spawn_mettad(bins, procs, &first, log, pin)?;
         let mut c = MettaCluster {
             bins: bins.clone(),
             dir: dir.to_path_buf(),
@@ -133,9 +199,13 @@ impl MettaCluster {
             nodes: vec![first],
             leader: String::new(),
             follower: String::new(),
+            follower_name: String::new(),
             setup_join_ms: Vec::new(),
         };
         c.wait_formed(1, procs).await?;
+        if opts.nodes == 1 {
+            return Ok(c);
+        }
 
         let token = c
             .ctl(&[
@@ -173,7 +243,7 @@ impl MettaCluster {
             c.nodes.push(n);
         }
         for n in &c.nodes[1..] {
-            spawn_mettad(bins, procs, n, log)?;
+            spawn_mettad(bins, procs, n, log, pin)?;
         }
         // List every node in the admin config so `mettactl` reaches the
         // cluster whichever node answers first.
@@ -190,8 +260,9 @@ impl MettaCluster {
         self.wait_formed(n, procs).await
     }
 
-    async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        mettactl(&self.bins, &self.admin_path, args).await
+    /// `mettactl ARGS...` with the admin config; its stdout.
+    pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        mettactl(&self.bins, &self.admin_path, None, args).await
     }
 
     /// `mettactl nodes -o json`.
@@ -232,6 +303,12 @@ impl MettaCluster {
         };
         self.leader = addr_of("leader").ok_or_else(|| anyhow!("no leader address"))?;
         self.follower = addr_of("follower").unwrap_or_default();
+        self.follower_name = nodes
+            .iter()
+            .find(|x| x["raft"] == "follower")
+            .and_then(|x| x["name"].as_str())
+            .unwrap_or_default()
+            .to_string();
         Ok(())
     }
 
@@ -273,6 +350,86 @@ impl MettaCluster {
             out.push(joined.elapsed.as_secs_f64() * 1000.0);
         }
         Ok(out)
+    }
+
+    /// Makes a vendor key, trusts it, and pushes each `(image name, wasm
+    /// file)` signed with it (capability `log`).
+    pub async fn push_images(&self, images: &[(&str, &Path)]) -> anyhow::Result<()> {
+        self.ctl(&["vendor", "keygen", "bench"]).await?;
+        self.ctl(&["vendor", "add", "bench", "bench.pub"]).await?;
+        for (name, wasm) in images {
+            self.ctl(&[
+                "image",
+                "push",
+                path_str(wasm)?,
+                "--key",
+                "bench.key",
+                "--vendor",
+                "bench",
+                "--name",
+                name,
+                "--cap",
+                "log",
+            ])
+            .await
+            .with_context(|| format!("pushing {}", wasm.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A contract of `slice_ms` per `period_ms`, 64 MiB.
+pub fn contract(slice_ms: u64, period_ms: u64, extra: bool) -> Contract {
+    Contract {
+        period_ns: period_ms * 1_000_000,
+        slice_ns: slice_ms * 1_000_000,
+        extra,
+        memory: 64 << 20,
+    }
+}
+
+/// `ApiRequest::Run`; the reply comes once the domain's first activation
+/// completed on its node. Returns its status as the reply gives it.
+pub async fn run_domain(
+    c: &Client,
+    name: &str,
+    image: &str,
+    contract: Contract,
+    node: Option<&str>,
+) -> anyhow::Result<DomainStatus> {
+    let spec = RunSpec {
+        name: name.to_string(),
+        image: image.to_string(),
+        contract,
+        node: node.map(str::to_string),
+        labels: Vec::new(),
+        accept_offer: false,
+    };
+    match c
+        .call(ApiRequest::Run(spec))
+        .await
+        .with_context(|| format!("run {name}"))?
+    {
+        Reply::Domains(mut v) if v.len() == 1 => Ok(v.remove(0)),
+        other => bail!("run {name}: unexpected reply {other:?}"),
+    }
+}
+
+/// `ApiRequest::Stop`.
+pub async fn stop_domain(c: &Client, name: &str) -> anyhow::Result<()> {
+    c.call(ApiRequest::Stop {
+        name: name.to_string(),
+    })
+    .await
+    .with_context(|| format!("stop {name}"))?;
+    Ok(())
+}
+
+/// `ApiRequest::Ps`: every domain with what its node reports.
+pub async fn ps(c: &Client) -> anyhow::Result<Vec<DomainStatus>> {
+    match c.call(ApiRequest::Ps).await.context("ps")? {
+        Reply::Domains(v) => Ok(v),
+        other => bail!("ps: unexpected reply {other:?}"),
     }
 }
 

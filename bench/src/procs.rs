@@ -100,6 +100,17 @@ impl Procs {
             .collect()
     }
 
+    /// The exit status of child `pid` if it has exited (`None`: still
+    /// running, or not ours).
+    pub fn exited(&mut self, pid: u32) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        for (_, c) in &mut self.children {
+            if c.id() == pid {
+                return Ok(c.try_wait()?);
+            }
+        }
+        Ok(None)
+    }
+
     /// Fails if any child has exited (naming it and its status).
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, c) in &mut self.children {
@@ -143,6 +154,58 @@ impl Procs {
 impl Drop for Procs {
     fn drop(&mut self) {
         self.stop_all(Duration::from_secs(3));
+    }
+}
+
+/// Pins every thread of this process (and so every child it starts later,
+/// unless the child is started under `taskset`) to `cpu`.
+pub fn pin_self(cpu: u32) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset -a -p -c {cpu} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The wall clock in ns since 1970 (a time base shared between processes).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Waits until the machine's busy CPU time over a 5 s window is below
+/// `max_cores` (call it while the benchmark's own processes are idle), for at
+/// most `timeout`; returns whether it got there.
+pub async fn wait_quiet(max_cores: f64, timeout: Duration) -> bool {
+    const WINDOW: Duration = Duration::from_secs(5);
+    let deadline = Instant::now() + timeout;
+    let mut said = false;
+    loop {
+        let a = machine_busy_secs().unwrap_or(0.0);
+        tokio::time::sleep(WINDOW).await;
+        let busy = (machine_busy_secs().unwrap_or(0.0) - a) / WINDOW.as_secs_f64();
+        if busy < max_cores {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("  note: the machine did not get quiet ({busy:.2} cores busy); going on");
+            return false;
+        }
+        if !said {
+            eprintln!("  waiting for the machine to be quiet ({busy:.2} cores busy)...");
+            said = true;
+        }
     }
 }
 
