@@ -755,6 +755,13 @@ impl Node {
                 })
                 .await;
         }
+        if self.registry().cluster.is_empty() {
+            // Between `init` and the commit of the bootstrap entry there is
+            // no admin to authorize anyone: "retry", not "permission denied".
+            return Err(ApiError::Unavailable(
+                "the cluster is still being bootstrapped; retry".into(),
+            ));
+        }
         self.check(&subject, &call, now)?;
         match call {
             ApiRequest::Status => Ok(Reply::Status(self.status(subject))),

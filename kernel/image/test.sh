@@ -457,8 +457,10 @@ start_mettad() {
     "$mettad" --data-dir "$tmp/n1" >>"$tmp/mettad.log" 2>&1 &
     mettad_pid=$!
     local i
-    for i in $(seq 100); do
-        ctl status >/dev/null 2>&1 && return 0
+    # `status` answers as soon as mettad serves; listing tokens needs a
+    # leader and the bootstrapped registry, which is what the tests need.
+    for i in $(seq 150); do
+        ctl token ls >/dev/null 2>&1 && return 0
         sleep 0.2
     done
     return 1
@@ -506,7 +508,18 @@ wait_node_up() {
         sleep 0.3
     done
 }
-new_token() { ctl token create --role worker --uses 1 2>/dev/null; }
+new_token() {
+    local i t
+    for i in $(seq 25); do
+        t=$(ctl token create --role worker --uses 1 2>/dev/null) && [ -n "$t" ] && {
+            echo "$t"
+            return 0
+        }
+        sleep 0.2
+    done
+    echo "    (could not create a join token)" >&2
+    return 1
+}
 
 port=$(free_port)
 cluster_up=0
