@@ -462,7 +462,7 @@ impl Domains {
             } => {
                 let limit = Duration::from_millis(timeout_ms.into());
                 match tokio::time::timeout(limit, self.wait_started(&name, epoch)).await {
-                    Ok(r) => r.map(|us| Reply::Answer(us.to_le_bytes().to_vec())),
+                    Ok(r) => r.map(|start_us| Reply::Started { start_us }),
                     Err(_) => Err(ApiError::Domain(format!(
                         "{name} did not start within {} ms",
                         limit.as_millis()

@@ -344,9 +344,7 @@ impl Node {
             )
             .await;
         let start_us = match started {
-            Ok(Reply::Answer(b)) if b.len() == 8 => {
-                u64::from_le_bytes(b.try_into().unwrap_or_default())
-            }
+            Ok(Reply::Started { start_us }) => start_us,
             Ok(other) => return Err(internal(format!("unexpected start reply {other:?}"))),
             Err(e) => {
                 // Nothing is left behind: the placement is undone.

@@ -647,14 +647,7 @@ impl Registry {
                     .caps
                     .channels
                     .iter()
-                    .filter(|p| {
-                        CapSet {
-                            log: false,
-                            clock: false,
-                            channels: vec![(*p).clone()],
-                        }
-                        .may_open(name)
-                    })
+                    .filter(|p| metta_proto::grant::resource_covers(p, name))
                     .map(String::len)
                     .max()?;
                 Some((best, d))

@@ -561,7 +561,8 @@ sys.exit(not (n.get("kind") == "native" and n.get("status") == "up" and n.get("c
     stop_mettad
     lost=$(wait_log "$log" 'link: lost the connection to 10\.0\.2\.2:[0-9]+: .*; retrying in 0\.5 s' 15 && echo yes)
     check "restart: the kernel notices the lost connection and retries" [ "$lost" = yes ]
-    sleep 2
+    # Keep mettad down until the backoff has doubled once.
+    wait_log "$log" 'link: cannot reach 10\.0\.2\.2:[0-9]+: connection refused; retrying in 1 s' 15
     start_mettad
     reconnected=$(wait_log "$log" 'link: reconnected to 10\.0\.2\.2:[0-9]+ \([0-9]+ retries\); heartbeats resume' 40 && echo yes)
     tr -d '\r' <"$log" | grep -E '\] link: (lost|cannot|reconnected)' | sed 's/^/    | /'

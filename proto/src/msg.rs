@@ -597,6 +597,11 @@ pub enum Reply {
     Logs(LogLines),
     /// A domain's answer.
     Answer(Vec<u8>),
+    /// A domain completed its first activation (`NodeCall::WaitStarted`).
+    Started {
+        /// Spawn to end of the first activation, µs.
+        start_us: u64,
+    },
 }
 
 /// Why a join token was refused.
