@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let node = Node::start(dir)
             .await
             .with_context(|| format!("starting node in {}", args.data_dir.display()))?;
@@ -52,10 +52,15 @@ fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
             _ = node.stopped() => {
+                node.shutdown().await;
                 anyhow::bail!("node stopped: its identity was revoked");
             },
         }
         node.shutdown().await;
         Ok(())
-    })
+    });
+    // Blocking tasks (a domain start, a lane's calibration) must not hold up
+    // the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
