@@ -28,13 +28,14 @@ use std::time::Duration;
 
 use metta_nucleus::{Caps, FuelRate};
 use metta_proto::{
-    ApiError, CapSet, DomainRuntime, Envelope, LogLines, NodeCall, NodeId, Reply, ReplyRef,
-    Request, Response,
+    ApiError, CapSet, DomainRuntime, Envelope, LogLines, NodeCall, NodeId, NodeKind, Reply,
+    ReplyRef, Request, Response,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::hosted::{DomainState, HostedConfig, HostedError, HostedNucleus, Outbound};
+use crate::native::NativeLinks;
 use crate::registry::{DomainRecord, Registry};
 use crate::transport::Transport;
 
@@ -59,6 +60,17 @@ struct State {
     failed: HashMap<String, (u64, String)>,
 }
 
+/// How a node is reached for a [`NodeCall`] ([`Domains::reach`]).
+#[derive(Debug)]
+pub enum Reach {
+    /// A native node whose link this node holds: serve it here.
+    Native(NodeCall),
+    /// Send this request to this address.
+    Remote(String, Request),
+    /// The node is not in the registry.
+    Gone,
+}
+
 /// A message on its way to a domain on another lane or node.
 struct Routed {
     to_node: NodeId,
@@ -70,6 +82,7 @@ pub struct Domains {
     me: NodeId,
     registry: Arc<RwLock<Registry>>,
     transport: Arc<Transport>,
+    native: Arc<NativeLinks>,
     lanes: Mutex<BTreeMap<u32, Arc<HostedNucleus>>>,
     rate: Mutex<Option<FuelRate>>,
     state: Mutex<State>,
@@ -109,6 +122,7 @@ impl Domains {
         me: NodeId,
         registry: Arc<RwLock<Registry>>,
         transport: Arc<Transport>,
+        native: Arc<NativeLinks>,
         applied: watch::Receiver<u64>,
     ) -> Arc<Domains> {
         let (routed, routed_rx) = mpsc::unbounded_channel();
@@ -117,6 +131,7 @@ impl Domains {
             me,
             registry,
             transport,
+            native,
             lanes: Mutex::new(BTreeMap::new()),
             rate: Mutex::new(None),
             state: Mutex::new(State::default()),
@@ -339,15 +354,19 @@ impl Domains {
                 }
             }
             let n = batch.len();
-            let req = Request::Node(NodeCall::Deliver(batch));
+            let call = NodeCall::Deliver(batch);
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let Some(addr) = self.registry().nodes.get(&node).map(|n| n.addr.clone()) else {
-                    warn!(node, "{n} message(s) dropped: node left the cluster");
-                    break;
+                let r = match self.reach(node, call.clone()) {
+                    Reach::Native(call) => Ok(self.native.serve(node, call).await),
+                    Reach::Remote(addr, req) => self.transport.call(&addr, &req).await,
+                    Reach::Gone => {
+                        warn!(node, "{n} message(s) dropped: node left the cluster");
+                        break;
+                    }
                 };
-                match self.transport.call(&addr, &req).await {
+                match r {
                     Ok(Ok(_)) => break,
                     Ok(Err(e)) => {
                         warn!(node, "{n} message(s) refused: {e}");
@@ -364,6 +383,35 @@ impl Domains {
                 }
             }
         }
+    }
+
+    /// How to send `call` to node `id`: a native node whose link this node
+    /// holds is served here; another native node through the control node
+    /// holding its link (its registered address); a hosted node directly.
+    pub fn reach(&self, id: NodeId, call: NodeCall) -> Reach {
+        if self.native.holds(id) {
+            return Reach::Native(call);
+        }
+        let reg = self.registry();
+        match reg.nodes.get(&id) {
+            None => Reach::Gone,
+            Some(n) if n.kind == NodeKind::Native => {
+                Reach::Remote(n.addr.clone(), Request::Proxy { node: id, call })
+            }
+            Some(n) => Reach::Remote(n.addr.clone(), Request::Node(call)),
+        }
+    }
+
+    /// Sends `env` (from a native domain) on to its domain on `to_node`.
+    pub fn send(&self, to_node: NodeId, env: Envelope) {
+        if self.routed.send(Routed { to_node, env }).is_err() {
+            debug!("router gone; message dropped");
+        }
+    }
+
+    /// Sends an answer (from a native domain) back to where `r` says.
+    pub fn send_answer(&self, r: ReplyRef, payload: Vec<u8>) {
+        let _ = self.answers.send((r, payload));
     }
 
     /// Hands `env` to its domain here (blocking: waits for the driver).
@@ -387,20 +435,27 @@ impl Domains {
                 }
                 continue;
             }
-            let Some(addr) = self.registry().nodes.get(&r.node).map(|n| n.addr.clone()) else {
-                continue;
-            };
-            let req = Request::Node(NodeCall::Answer {
+            let call = NodeCall::Answer {
                 token: r.token,
                 lane: r.lane,
                 payload,
-            });
-            let transport = self.transport.clone();
-            tokio::spawn(async move {
-                if let Err(e) = transport.call(&addr, &req).await {
-                    debug!("answer to node/{}: {e}", r.node);
+            };
+            match self.reach(r.node, call) {
+                Reach::Native(call) => {
+                    if let Err(e) = self.native.serve(r.node, call).await {
+                        debug!("answer to node/{}: {e}", r.node);
+                    }
                 }
-            });
+                Reach::Remote(addr, req) => {
+                    let transport = self.transport.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = transport.call(&addr, &req).await {
+                            debug!("answer to node/{}: {e}", r.node);
+                        }
+                    });
+                }
+                Reach::Gone => {}
+            }
         }
     }
 

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod domains;
 pub mod hosted;
+pub mod native;
 pub mod network;
 pub mod node;
 pub mod policy;

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::clock;
 use crate::config::{DataDir, NodeConfig};
 use crate::domains::Domains;
+use crate::native::NativeLinks;
 use crate::network::{self, NetworkFactory};
 use crate::policy::{requirement, Requirement};
 use crate::raft_types::Raft;
@@ -152,6 +153,10 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     writes: mpsc::UnboundedSender<PendingWrite>,
     domains: Arc<Domains>,
+    /// The links of native nodes that sync with this node.
+    native: Arc<NativeLinks>,
+    /// Ticks after every applied registry entry.
+    applied: watch::Receiver<u64>,
     /// Held while a domain is placed and committed, so two `run`s do not
     /// both take the last free share.
     place_lock: tokio::sync::Mutex<()>,
@@ -263,10 +268,12 @@ impl Node {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
 
+        let native = Arc::new(NativeLinks::new(registry.clone()));
         let domains = Domains::start(
             cfg.node_id,
             registry.clone(),
             transport.clone(),
+            native.clone(),
             applied.clone(),
         );
         domains.warm_up();
@@ -291,6 +298,8 @@ impl Node {
             shutdown,
             writes,
             domains,
+            native,
+            applied: applied.clone(),
             place_lock: tokio::sync::Mutex::new(()),
         });
 
@@ -511,9 +520,10 @@ impl Node {
                     // Native nodes are not Raft members and never relay
                     // calls for others: over TCP these are refused, so a
                     // native node's certificate cannot speak for anyone else.
-                    Request::Raft(_) | Request::Forwarded { .. } => {
+                    Request::Raft(_) | Request::Forwarded { .. } | Request::Proxy { .. } => {
                         let resource = match req {
                             Request::Raft(_) => "/raft",
+                            Request::Proxy { .. } => "/nodes/proxy",
                             _ => "/forward",
                         };
                         Err(ApiError::PermissionDenied {
@@ -565,6 +575,28 @@ impl Node {
                     subject: peer.unwrap_or(Subject::User("anonymous".into())),
                     rights: metta_proto::Rights::ALL,
                     resource: "/nodes/domains".into(),
+                }),
+            },
+            Request::Sync(sync) => match peer {
+                Some(Subject::Node(id)) => self.native_sync(id, sync).await,
+                _ => Err(ApiError::PermissionDenied {
+                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/nodes/sync".into(),
+                }),
+            },
+            Request::Proxy { node, call } => match peer {
+                Some(Subject::Node(_)) if self.native.holds(node) => {
+                    self.native.serve(node, call).await
+                }
+                Some(Subject::Node(_)) => Err(ApiError::Unavailable(format!(
+                    "native node/{node} has no link to node/{}",
+                    self.cfg.node_id
+                ))),
+                _ => Err(ApiError::PermissionDenied {
+                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
+                    rights: metta_proto::Rights::ALL,
+                    resource: "/nodes/proxy".into(),
                 }),
             },
             Request::Raft(rpc) => match peer {
@@ -1002,6 +1034,46 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// A native node's sync ([`crate::native`]): its heartbeat (recorded
+    /// with this node's address, so calls for it come here), what its
+    /// domains produced, then its work.
+    async fn native_sync(
+        self: &Arc<Self>,
+        id: NodeId,
+        mut sync: metta_proto::NodeSync,
+    ) -> Response {
+        let is_native = self
+            .registry()
+            .nodes
+            .get(&id)
+            .map(|n| n.kind == NodeKind::Native);
+        match is_native {
+            Some(true) => {}
+            Some(false) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "node/{id} is not a native node: hosted nodes run their own domains"
+                )))
+            }
+            None => return Err(ApiError::NotFound(format!("node/{id}"))),
+        }
+        if self.native.heartbeat_due(id, Instant::now()) {
+            let mut hb = sync.heartbeat.clone();
+            hb.addr = self.cfg.advertise.clone();
+            self.api(Subject::Node(id), ApiRequest::Heartbeat(hb), true)
+                .await?;
+        }
+        let produced = self.native.report(id, &mut sync);
+        for (to_node, env) in produced.messages {
+            self.domains.send(to_node, env);
+        }
+        for (r, payload) in produced.answers {
+            self.domains.send_answer(r, payload);
+        }
+        let hold = Duration::from_millis(sync.hold_ms.into());
+        let work = self.native.work(id, hold, self.applied.clone()).await;
+        Ok(Reply::Work(work))
     }
 
     async fn record_heartbeat(&self, id: NodeId, hb: Heartbeat) {

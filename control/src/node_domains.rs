@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metta_proto::{
-    ApiError, ApiRequest, CounterOffer, DomainRuntime, DomainStatus, NodeCall, NodeId, NodeKind,
-    Reply, Request, Response, Right, Rights, RunSpec, Subject,
+    ApiError, ApiRequest, CounterOffer, DomainRuntime, DomainStatus, NodeCall, NodeId, Reply,
+    Response, Right, Rights, RunSpec, Subject,
 };
 use metta_scheduler::{Cluster, NodeSpec, PlaceError, Request as PlaceRequest, Strategy};
 use metta_trust::image::{user_caps, verify_image};
 use metta_trust::UnixTime;
 
 use super::{internal, Node};
+use crate::domains::Reach;
 use crate::registry::{Applied, Command, DomainRecord, Registry};
 
 /// Largest module `image push` accepts.
@@ -67,22 +68,22 @@ impl Node {
         if id == self.cfg.node_id {
             return self.domains.serve(call).await;
         }
-        let (addr, name) = {
-            let reg = self.registry();
-            let n = reg
-                .nodes
-                .get(&id)
-                .ok_or_else(|| ApiError::NotFound(format!("node/{id}")))?;
-            (n.addr.clone(), n.name.clone())
-        };
-        self.transport
-            .call(&addr, &Request::Node(call))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ApiError::Unavailable(format!(
-                    "node {name} ({addr}) unreachable: {e}"
-                )))
-            })
+        match self.domains.reach(id, call) {
+            Reach::Native(call) => self.native.serve(id, call).await,
+            Reach::Remote(addr, req) => {
+                self.transport.call(&addr, &req).await.unwrap_or_else(|e| {
+                    let name = self
+                        .registry()
+                        .nodes
+                        .get(&id)
+                        .map_or_else(|| format!("node/{id}"), |n| n.name.clone());
+                    Err(ApiError::Unavailable(format!(
+                        "node {name} ({addr}) unreachable: {e}"
+                    )))
+                })
+            }
+            Reach::Gone => Err(ApiError::NotFound(format!("node/{id}"))),
+        }
     }
 
     /// The domain `name`, if `subject` launched it or holds `right` on
@@ -216,9 +217,7 @@ impl Node {
             .collect();
         let reg = self.registry();
         let mut c = Cluster::new();
-        // Native nodes run domains once the kernel takes them over its link;
-        // until then the scheduler does not see them.
-        for n in reg.nodes.values().filter(|n| n.kind != NodeKind::Native) {
+        for n in reg.nodes.values() {
             let mut spec = NodeSpec::new(
                 n.id,
                 n.name.clone(),
@@ -233,11 +232,7 @@ impl Node {
             }
             c.add_node(spec).map_err(internal)?;
         }
-        for d in reg.domains.values().filter(|d| {
-            reg.nodes
-                .get(&d.node)
-                .is_some_and(|n| n.kind != NodeKind::Native)
-        }) {
+        for d in reg.domains.values() {
             c.allocate(d.node, d.lane, d.name.clone(), d.contract)
                 .map_err(internal)?;
         }

@@ -599,7 +599,8 @@ impl Registry {
         let usable =
             node.resources
                 .memory_bytes
-                .saturating_sub(metta_scheduler::default_memory_reserve(
+                .saturating_sub(metta_scheduler::memory_reserve_for(
+                    node.kind,
                     node.resources.memory_bytes,
                 ));
         if lane_ppm + metta_scheduler::demand_ppm(&rec.contract)

@@ -14,52 +14,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn built(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../domains/out/{name}.wasm"));
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{} is missing (scripts/test builds it first)", p.display());
-    }
-    eprintln!("skipping: {} not built (run domains/build.sh)", p.display());
-    None
-}
-
-/// A vendor `acme` trusted by the cluster; returns its key file.
-fn trust_acme(c: &Cluster) -> PathBuf {
-    let dir = c.dir.path();
-    c.ok(&["vendor", "keygen", "acme", "--out", dir.to_str().unwrap()]);
-    let public = dir.join("acme.pub");
-    c.ok(&["vendor", "add", "acme", public.to_str().unwrap()]);
-    dir.join("acme.key")
-}
-
-/// Signs and pushes `wasm` as vendor acme with `caps`.
-fn push(c: &Cluster, key: &Path, wasm: &Path, name: &str, caps: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "image",
-        "push",
-        wasm.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--vendor",
-        "acme",
-        "--name",
-        name,
-    ];
-    for cap in caps {
-        args.push("--cap");
-        args.push(cap);
-    }
-    c.ctl(&args)
-}
-
-fn push_ok(c: &Cluster, key: &Path, wasm: &Path, name: &str, caps: &[&str]) {
-    let o = push(c, key, wasm, name, caps);
-    assert!(o.status.success(), "push {name}: {}", stderr(&o));
-}
-
 fn write_wat(dir: &Path, name: &str, wat: &str) -> PathBuf {
     let p = dir.join(format!("{name}.wasm"));
     std::fs::write(&p, wat::parse_str(wat).expect("valid WAT")).unwrap();

@@ -120,3 +120,183 @@ fn the_kernel_link_joins_a_real_mettad_over_tls_tcp() {
         "{resp:?}"
     );
 }
+
+/// Joins as native node `name`; the member session's config and the node's
+/// certificate expiry.
+fn join_native(c: &Cluster, name: &str, resources: &NodeResources) -> (LinkConfig, u64) {
+    let token = JoinToken::from_str(&c.token("worker", 1)).unwrap();
+    metta_link::rng::add_entropy(&entropy());
+    let key = NodeKey::from_entropy(&entropy()).unwrap();
+    let mut tcp = connect(&c.nodes[0].addr);
+    let mut s = Session::new(&LinkConfig::join(token.pin), now(), &entropy()).unwrap();
+    let addr = format!("{}:0", c.ip);
+    let req = join_request(&token, &key, name, &addr, resources.clone()).unwrap();
+    let joined =
+        interpret_join(call(&mut s, &mut tcp, &req).unwrap(), &token, &key, now()).expect("joined");
+    (joined.link_config(key), joined.cert_not_after)
+}
+
+/// What the native side saw of its work.
+#[derive(Default)]
+struct Seen {
+    started: Vec<(String, u64, usize)>,
+    stopped: Vec<String>,
+    calls: Vec<Vec<u8>>,
+}
+
+/// The control plane's side of a native node's link: `run` places a domain
+/// on it and waits for the start it reports, `call` and `logs` go through
+/// the proxy, `ps` asks it for figures, `stop` reaches it — all over the
+/// kernel's own link code (`metta-link` on TLS/TCP) against a real
+/// `mettad`. The native side here answers as the kernel does (the QEMU
+/// tests in `tests/` run the real kernel).
+#[test]
+fn a_native_node_gets_its_domains_calls_and_stops_through_sync() {
+    let Some(counter) = built("counter") else {
+        return;
+    };
+    let c = Cluster::init("1h");
+    let key = trust_acme(&c);
+    push_ok(
+        &c,
+        &key,
+        &counter,
+        "counter",
+        &["log", "channel:/svc/counter"],
+    );
+    let resources = NodeResources {
+        cpus: 1,
+        memory_bytes: 256 << 20,
+        arch: "x86_64".into(),
+    };
+    let (config, cert_not_after) = join_native(&c, "kern", &resources);
+    let module = std::fs::read(&counter).unwrap();
+
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = c.nodes[0].addr.clone();
+    let native = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut tcp = connect(&server);
+            let mut s = Session::new(&config, now(), &entropy()).unwrap();
+            let mut sync = metta_proto::NodeSync {
+                heartbeat: metta_proto::Heartbeat {
+                    resources,
+                    cert_not_after,
+                    addr: String::new(),
+                },
+                hold_ms: 300,
+                ..Default::default()
+            };
+            let mut count = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let work = match call(&mut s, &mut tcp, &Request::Sync(sync.clone())) {
+                    Ok(Ok(metta_proto::Reply::Work(w))) => w,
+                    other => panic!("sync answered {other:?}"),
+                };
+                sync.logs.clear();
+                sync.answers.clear();
+                sync.stats = None;
+                // Domains report Started one sync after they were started.
+                for d in &mut sync.domains {
+                    d.state = metta_proto::NativeState::Started { start_us: 42 };
+                }
+                let mut seen = seen.lock().unwrap();
+                for name in &work.stop {
+                    sync.domains.retain(|d| &d.name != name);
+                    seen.stopped.push(name.clone());
+                }
+                for d in work.start {
+                    assert_eq!(d.module, module, "the module as pushed");
+                    assert_eq!(d.contract.slice_ns, 10_000_000);
+                    seen.started.push((d.name.clone(), d.epoch, d.module.len()));
+                    sync.logs.push((d.name.clone(), "counter: up".into()));
+                    sync.domains.push(metta_proto::NativeDomain {
+                        name: d.name,
+                        epoch: d.epoch,
+                        state: metta_proto::NativeState::Starting,
+                    });
+                }
+                for e in work.deliver {
+                    assert_eq!(e.to, "c1");
+                    seen.calls.push(e.payload.clone());
+                    count += 1;
+                    if let Some(r) = e.reply {
+                        sync.answers.push((r, count.to_string().into_bytes()));
+                    }
+                }
+                if work.stats {
+                    sync.stats = Some(
+                        sync.domains
+                            .iter()
+                            .map(|d| metta_proto::DomainRuntime {
+                                name: d.name.clone(),
+                                epoch: d.epoch,
+                                state: "waiting".into(),
+                                cpu_ns: 1_000,
+                                delivered_ppm: None,
+                                activations: count,
+                                memory_bytes: 65_536,
+                                start_us: Some(42),
+                                periods: 0,
+                                delivered_p5_ppm: None,
+                                real_p5_ppm: None,
+                                latency_p99_us: None,
+                                undelivered: 0,
+                            })
+                            .collect(),
+                    );
+                }
+            }
+        })
+    };
+
+    let node = wait_for(Duration::from_secs(10), "the native node up", || {
+        c.nodes_json()?
+            .into_iter()
+            .find(|n| n["name"] == "kern" && n["status"] == "up")
+    });
+    assert_eq!(node["kind"], "native");
+    // Its address is the control node holding its link.
+    assert_eq!(node["addr"], c.nodes[0].addr.as_str());
+
+    // `run` returns once the node reports the first activation.
+    c.ok(&[
+        "run",
+        "counter",
+        "--name",
+        "c1",
+        "--node",
+        "kern",
+        "--cpu",
+        "10ms/100ms",
+        "--memory",
+        "16MiB",
+    ]);
+    assert_eq!(seen.lock().unwrap().started.len(), 1);
+    assert_eq!(c.ok(&["call", "c1", "incr"]).trim(), "1");
+    assert_eq!(c.ok(&["call", "c1", "incr"]).trim(), "2");
+    assert_eq!(
+        seen.lock().unwrap().calls,
+        [b"incr".to_vec(), b"incr".to_vec()]
+    );
+    assert_eq!(c.ok(&["logs", "c1"]).trim(), "counter: up");
+    let ps: serde_json::Value = serde_json::from_str(&c.ok(&["ps", "-o", "json"])).unwrap();
+    let row = &ps[0];
+    assert_eq!(row["name"], "c1");
+    assert_eq!(row["node_name"], "kern");
+    assert_eq!(row["state"], "waiting", "{row}");
+    assert_eq!(row["memory_bytes"], 65_536, "{row}");
+
+    c.ok(&["stop", "c1"]);
+    wait_for(
+        Duration::from_secs(10),
+        "the stop reaching the node",
+        || (seen.lock().unwrap().stopped == ["c1"]).then_some(()),
+    );
+    let o = c.ctl(&["call", "c1", "incr"]);
+    assert!(!o.status.success());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    native.join().unwrap();
+}

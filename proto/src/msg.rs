@@ -41,6 +41,129 @@ pub enum Request {
     /// A node asking another about the domains it runs (nodes only). The
     /// sender has already authorized the user call this serves, if any.
     Node(NodeCall),
+    /// A native node's link (native nodes only, over TLS/TCP): it reports
+    /// its domains, hands over their outgoing messages, answers and log
+    /// lines, and is answered with its work ([`Reply::Work`]). This is also
+    /// its heartbeat. See [`NodeSync`].
+    Sync(NodeSync),
+    /// A [`NodeCall`] for the native node `node`, sent to the control node
+    /// that holds its link (nodes only): native nodes accept no
+    /// connections, so their registered address is that control node's.
+    Proxy {
+        /// The native node.
+        node: NodeId,
+        /// The call.
+        call: NodeCall,
+    },
+}
+
+/// The lane of the [`ReplyRef`]s a native node's proxy mints for calls it
+/// relays (`mettactl call`): an answer with this lane goes back to the
+/// caller waiting at the proxy, not to a domain.
+pub const PROXY_LANE: u32 = u32::MAX;
+
+/// What a native node sends on its link ([`Request::Sync`]).
+///
+/// A native node cannot accept connections and runs no Raft, so it pulls:
+/// each sync carries everything its domains produced since the previous
+/// one, and the answer ([`NodeWork`]) everything waiting for it. When
+/// neither side has anything, the control node holds the answer for up to
+/// [`NodeSync::hold_ms`] (a long poll), so work reaches the node as soon as
+/// it exists. A sync that got no answer is sent again with the same
+/// contents (plus whatever came since).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSync {
+    /// Liveness and hardware (the address is ignored: a native node is
+    /// reached through the control node holding its link).
+    pub heartbeat: Heartbeat,
+    /// Every domain the node has been given, as it stands now.
+    pub domains: Vec<NativeDomain>,
+    /// Messages from its domains that no domain on the node serves, in the
+    /// order they were sent.
+    pub outbound: Vec<OutboundMessage>,
+    /// Answers of its domains to messages that came from elsewhere.
+    pub answers: Vec<(ReplyRef, Vec<u8>)>,
+    /// Its domains' log lines since the previous sync: `(domain, text)`.
+    pub logs: Vec<(String, String)>,
+    /// Lines the node dropped (its queue was full) since the previous sync.
+    pub logs_dropped: u64,
+    /// Runtime rows, sent when the previous answer asked for them.
+    pub stats: Option<Vec<DomainRuntime>>,
+    /// How long the control node may hold the answer when there is no work.
+    pub hold_ms: u32,
+}
+
+/// A domain as a native node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NativeDomain {
+    /// Name.
+    pub name: String,
+    /// The incarnation it runs.
+    pub epoch: u64,
+    /// How it stands.
+    pub state: NativeState,
+}
+
+/// The state of a domain on a native node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NativeState {
+    /// Spawned; its first activation has not finished yet.
+    Starting,
+    /// Its first activation finished, this long after the spawn (µs).
+    Started {
+        /// Spawn to end of the first activation, µs.
+        start_us: u64,
+    },
+    /// It could not be started, or it trapped.
+    Failed(String),
+}
+
+/// A message from a domain on a native node for a domain elsewhere: the
+/// control node resolves `channel` to a domain ([`Envelope::to`]) with the
+/// registry, as a hosted node's lanes do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundMessage {
+    /// The sending domain.
+    pub from: String,
+    /// Channel name.
+    pub channel: String,
+    /// Bytes.
+    pub payload: Vec<u8>,
+    /// Where an answer goes (the native node, lane 0, a token it minted).
+    pub reply: Option<ReplyRef>,
+}
+
+/// Work for a native node ([`Reply::Work`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeWork {
+    /// Domains to start (placed on the node and not in its report).
+    pub start: Vec<StartDomain>,
+    /// Domains to stop (in its report and no longer placed there, or
+    /// placed with another epoch).
+    pub stop: Vec<String>,
+    /// Messages for its domains, in order.
+    pub deliver: Vec<Envelope>,
+    /// Answers to its domains' outbound messages: `(token, bytes)`, the
+    /// token of the [`ReplyRef`] it minted.
+    pub answers: Vec<(u64, Vec<u8>)>,
+    /// Send runtime rows with the next sync.
+    pub stats: bool,
+}
+
+/// A domain for a native node to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartDomain {
+    /// Name.
+    pub name: String,
+    /// Incarnation.
+    pub epoch: u64,
+    /// Its admitted contract.
+    pub contract: Contract,
+    /// What it may do.
+    pub caps: CapSet,
+    /// The wasm module (verified against its vendor's signature when the
+    /// image entered the registry).
+    pub module: Vec<u8>,
 }
 
 /// Calls between nodes about the domains a node runs.
@@ -429,7 +552,7 @@ pub struct LogLines {
 }
 
 /// A node's periodic liveness report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Current hardware.
     pub resources: NodeResources,
@@ -602,6 +725,8 @@ pub enum Reply {
         /// Spawn to end of the first activation, µs.
         start_us: u64,
     },
+    /// Work for a native node (the answer to [`Request::Sync`]).
+    Work(NodeWork),
 }
 
 /// Why a join token was refused.

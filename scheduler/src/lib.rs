@@ -18,7 +18,8 @@
 //!   unreserved time) costs nothing at admission.
 //! - **Memory.** The contracts' memory on a node sums to at most its memory
 //!   minus a per-node reserve ([`NodeSpec::memory_reserve`], by default
-//!   [`default_memory_reserve`]: 10 %, at least 256 MiB).
+//!   [`default_memory_reserve`]: 10 %, at least 256 MiB; a native node keeps
+//!   [`NATIVE_MEMORY_RESERVE`]).
 //!
 //! # Placing
 //!
@@ -89,8 +90,9 @@ mod place;
 pub use cluster::{AllocError, Cluster, ClusterError, ClusterState, StateError, Usage};
 pub use metta_proto::Contract;
 pub use model::{
-    default_memory_reserve, demand_ppm, Allocation, Bytes, NodeSpec, Placement, Ppm, Request,
-    Strategy, StrategyParseError, LANE_CAPACITY_PPM, MAX_CPUS, MIN_MEMORY_RESERVE,
+    default_memory_reserve, demand_ppm, memory_reserve_for, Allocation, Bytes, NodeSpec, Placement,
+    Ppm, Request, Strategy, StrategyParseError, LANE_CAPACITY_PPM, MAX_CPUS, MIN_MEMORY_RESERVE,
+    NATIVE_MEMORY_RESERVE,
 };
 pub use place::{place, Offer, PlaceError, Rejection};
 

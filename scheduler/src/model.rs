@@ -27,6 +27,22 @@ pub fn default_memory_reserve(memory_bytes: u64) -> u64 {
         .min(memory_bytes)
 }
 
+/// The memory a native node (the bare-metal kernel) keeps for itself: its
+/// image, page tables, stacks, network buffers and the per-domain runtime
+/// state outside the domains' own memory. The kernel's idle footprint is
+/// measured in `docs/benchmarks.md`; this leaves room above it.
+pub const NATIVE_MEMORY_RESERVE: u64 = 32 << 20;
+
+/// The memory reserve of a node of `kind`: [`default_memory_reserve`] for a
+/// hosted node (Linux and `mettad` share the machine), at most
+/// [`NATIVE_MEMORY_RESERVE`] for a native one (nothing else runs there).
+pub fn memory_reserve_for(kind: NodeKind, memory_bytes: u64) -> u64 {
+    match kind {
+        NodeKind::Native => NATIVE_MEMORY_RESERVE.min(memory_bytes),
+        _ => default_memory_reserve(memory_bytes),
+    }
+}
+
 /// The CPU share a contract needs on its lane, in parts per million, **rounded
 /// up** (unlike [`Contract::share_ppm`], which rounds down): admission must never
 /// let many tiny contracts (1 µs / 10 s is 0.1 ppm) add up to more than a lane.
@@ -62,7 +78,8 @@ pub struct NodeSpec {
 }
 
 impl NodeSpec {
-    /// A node that is up, without labels, with [`default_memory_reserve`].
+    /// A node that is up, without labels, with the reserve of its kind
+    /// ([`memory_reserve_for`]).
     pub fn new(
         id: NodeId,
         name: impl Into<String>,
@@ -78,7 +95,7 @@ impl NodeSpec {
             arch: arch.into(),
             cpus,
             memory_bytes,
-            memory_reserve: default_memory_reserve(memory_bytes),
+            memory_reserve: memory_reserve_for(kind, memory_bytes),
             labels: BTreeMap::new(),
             up: true,
         }
@@ -284,6 +301,9 @@ mod tests {
         assert_eq!(default_memory_reserve(1 << 30), 256 << 20);
         assert_eq!(default_memory_reserve(64 << 30), (64 << 30) / 10);
         assert_eq!(default_memory_reserve(100 << 20), 100 << 20);
+        assert_eq!(memory_reserve_for(NodeKind::Native, 256 << 20), 32 << 20);
+        assert_eq!(memory_reserve_for(NodeKind::Native, 16 << 20), 16 << 20);
+        assert_eq!(memory_reserve_for(NodeKind::Hosted, 1 << 30), 256 << 20);
     }
 
     #[test]

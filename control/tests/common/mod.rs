@@ -290,3 +290,60 @@ impl Cluster {
         self.nodes.iter().position(|n| n.addr == addr)
     }
 }
+
+// ------------------------------------------------------------ images
+
+/// An example domain from `domains/out` (built by `domains/build.sh`, which
+/// the project's test command runs first). Outside CI a test skips when it
+/// is missing; under CI (`CI` set) a missing file fails it.
+pub fn built(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../domains/out/{name}.wasm"));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing (scripts/test builds it first)", p.display());
+    }
+    eprintln!("skipping: {} not built (run domains/build.sh)", p.display());
+    None
+}
+
+/// A vendor `acme` trusted by the cluster; returns its key file.
+pub fn trust_acme(c: &Cluster) -> PathBuf {
+    let dir = c.dir.path();
+    c.ok(&["vendor", "keygen", "acme", "--out", dir.to_str().unwrap()]);
+    let public = dir.join("acme.pub");
+    c.ok(&["vendor", "add", "acme", public.to_str().unwrap()]);
+    dir.join("acme.key")
+}
+
+/// Signs and pushes `wasm` as vendor acme with `caps`.
+pub fn push(
+    c: &Cluster,
+    key: &Path,
+    wasm: &Path,
+    name: &str,
+    caps: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "image",
+        "push",
+        wasm.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--vendor",
+        "acme",
+        "--name",
+        name,
+    ];
+    for cap in caps {
+        args.push("--cap");
+        args.push(cap);
+    }
+    c.ctl(&args)
+}
+
+pub fn push_ok(c: &Cluster, key: &Path, wasm: &Path, name: &str, caps: &[&str]) {
+    let o = push(c, key, wasm, name, caps);
+    assert!(o.status.success(), "push {name}: {}", stderr(&o));
+}
