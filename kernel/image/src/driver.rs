@@ -18,8 +18,15 @@
 //!   back out carrying the token and is delivered to the original sender on
 //!   the same channel name. Messages from the kernel itself
 //!   ([`Driver::deliver`]) carry a tag: their answers are kept for
-//!   [`Driver::take_answers`]. A message with no route (there is no network
-//!   join yet), or to a full inbox, is dropped and noted in the sender's log.
+//!   [`Driver::take_answers`] (or [`Driver::post`]: no answer wanted).
+//!   A message to a full inbox is dropped and noted in the sender's log; so
+//!   is a message with no local route, unless [`Config::outbound`] is on
+//!   (a node joined to a cluster): then it is queued for the control plane
+//!   with a token minted for the answer ([`Driver::take_outbound`]), and
+//!   [`Driver::answer`] delivers that answer to the sender on the same
+//!   channel name, as a local answer would be.
+//! - **Runtime rows** ([`Driver::runtime`]): the figures `mettactl ps`
+//!   shows, computed as `control/src/domains.rs` does for hosted lanes.
 //! - **Logs**: every domain line and nucleus record is queued with the
 //!   domain's name ([`Driver::take_lines`]), at most [`MAX_LINES`] (older
 //!   lines are dropped and counted).
@@ -34,7 +41,7 @@ use metta_nucleus::{
     Caps, DomainId, FuelRate, Image, LoadError, LogOrigin, Message, Nucleus, Outcome, Outgoing,
     ReplyToken, Snapshot, SpawnError, Step, Undeliverable, Why,
 };
-use metta_proto::Contract;
+use metta_proto::{Contract, DomainRuntime};
 
 use crate::stats::{ewma_rate, rate_per_scale, RATE_SCALE_NS};
 
@@ -47,6 +54,12 @@ pub const MAX_TOKENS: usize = 65_536;
 pub const PERIOD_RECORDS: usize = 1_024;
 /// Log lines queued for the console before the oldest are dropped.
 pub const MAX_LINES: usize = 4_096;
+/// Outbound messages ([`Config::outbound`]) queued before new ones are
+/// dropped (and noted in the sender's log).
+pub const MAX_OUTBOUND: usize = 1_024;
+/// Complete periods `delivered_ppm` is computed over (as hosted's
+/// `DELIVERY_WINDOW`).
+pub const DELIVERY_WINDOW: usize = 10;
 
 /// Driver settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +70,9 @@ pub struct Config {
     pub quantum_ns: Option<u64>,
     /// Track the fuel rate with an EWMA of the measured fuel/ns.
     pub recalibrate: bool,
+    /// A message no local domain serves is queued for the control plane
+    /// ([`Driver::take_outbound`]) instead of being dropped.
+    pub outbound: bool,
 }
 
 impl Default for Config {
@@ -65,6 +81,7 @@ impl Default for Config {
             capacity_ppm: 900_000,
             quantum_ns: None,
             recalibrate: true,
+            outbound: false,
         }
     }
 }
@@ -83,6 +100,9 @@ pub enum DriverError {
     NoSuchDomain(String),
     /// The domain did not take the message (inbox full, too big, failed).
     Undeliverable(&'static str),
+    /// An answer came for a token this driver did not mint for an outbound
+    /// message, or whose sender is gone.
+    StaleToken(u64),
 }
 
 impl fmt::Display for DriverError {
@@ -93,6 +113,7 @@ impl fmt::Display for DriverError {
             DriverError::Duplicate(n) => write!(f, "a domain named {n:?} exists"),
             DriverError::NoSuchDomain(n) => write!(f, "no domain named {n:?}"),
             DriverError::Undeliverable(why) => write!(f, "undeliverable: {why}"),
+            DriverError::StaleToken(t) => write!(f, "no outbound message has reply token {t}"),
         }
     }
 }
@@ -123,6 +144,8 @@ pub struct DomainRecord {
     pub contract: Contract,
     /// When it was spawned (or restored), ns.
     pub spawned_ns: u64,
+    /// When its first activation ended (unless it trapped), ns.
+    pub first_activation_ns: Option<u64>,
     /// Wall time its activations took, ns.
     pub real_ns: u64,
     /// Charged time given as guaranteed (slice) time, ns.
@@ -174,13 +197,38 @@ pub enum Poll {
     },
 }
 
+/// A message for the control plane to route ([`Config::outbound`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The sending domain's name.
+    pub from: String,
+    /// Channel name.
+    pub channel: String,
+    /// Bytes.
+    pub payload: Vec<u8>,
+    /// The token its answer must carry ([`Driver::answer`]).
+    pub token: u64,
+}
+
 /// Where the answer to a token goes.
 #[derive(Debug)]
 enum Dest {
-    /// To this domain, on this channel name.
+    /// To this domain, on this channel name (a local message's answer).
     Domain(DomainId, String),
-    /// To the kernel, with this tag.
-    Kernel(u64),
+    /// The same, for a message that left through [`Driver::take_outbound`]:
+    /// only these tokens may be redeemed by [`Driver::answer`].
+    Remote(DomainId, String),
+    /// To the kernel, with this tag; the message went to this domain.
+    Kernel(u64, DomainId),
+}
+
+impl Dest {
+    /// The domain the token involves.
+    fn domain(&self) -> DomainId {
+        match self {
+            Dest::Domain(id, _) | Dest::Remote(id, _) | Dest::Kernel(_, id) => *id,
+        }
+    }
 }
 
 /// The native driver (see the module docs).
@@ -197,6 +245,7 @@ pub struct Driver {
     lines: VecDeque<Line>,
     lines_dropped: u64,
     answers: Vec<(u64, Vec<u8>)>,
+    outbound: VecDeque<Outbound>,
 }
 
 impl fmt::Debug for Driver {
@@ -230,6 +279,7 @@ impl Driver {
             lines: VecDeque::new(),
             lines_dropped: 0,
             answers: Vec::new(),
+            outbound: VecDeque::new(),
         }
     }
 
@@ -313,6 +363,7 @@ impl Driver {
                 name: name.to_string(),
                 contract,
                 spawned_ns: now,
+                first_activation_ns: None,
                 real_ns: 0,
                 guaranteed_ns: 0,
                 extra_ns: 0,
@@ -334,7 +385,7 @@ impl Driver {
         now: u64,
     ) -> Result<(), DriverError> {
         let id = self.id(name)?;
-        let token = self.mint(Dest::Kernel(tag));
+        let token = self.mint(Dest::Kernel(tag, id));
         let msg = Message {
             channel: channel.to_string(),
             payload: payload.to_vec(),
@@ -344,6 +395,117 @@ impl Driver {
             self.tokens.remove(&token.0);
             DriverError::Undeliverable(undeliverable_why(&e))
         })
+    }
+
+    /// Queues a message from the kernel for domain `name` on `channel`, with
+    /// no way to answer it (an answer is dropped as stale).
+    pub fn post(
+        &mut self,
+        name: &str,
+        channel: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), DriverError> {
+        let id = self.id(name)?;
+        let msg = Message {
+            channel: channel.to_string(),
+            payload: payload.to_vec(),
+            reply: None,
+        };
+        self.n
+            .deliver(id, msg, now)
+            .map_err(|e| DriverError::Undeliverable(undeliverable_why(&e)))
+    }
+
+    /// Delivers `payload`, the answer to the outbound message that carried
+    /// `token`, to its sender on the same channel name (as a local answer
+    /// is delivered). Each token is redeemed once.
+    pub fn answer(&mut self, token: u64, payload: Vec<u8>, now: u64) -> Result<(), DriverError> {
+        let (to, channel) = match self.tokens.remove(&token) {
+            Some(Dest::Remote(to, channel)) => (to, channel),
+            Some(other) => {
+                // Not ours to redeem: put it back.
+                self.tokens.insert(token, other);
+                return Err(DriverError::StaleToken(token));
+            }
+            None => return Err(DriverError::StaleToken(token)),
+        };
+        let msg = Message {
+            channel,
+            payload,
+            reply: None,
+        };
+        self.n
+            .deliver(to, msg, now)
+            .map_err(|e| DriverError::Undeliverable(undeliverable_why(&e)))
+    }
+
+    /// Outbound messages ([`Config::outbound`]), oldest first: at most
+    /// `max_items` of them and `max_bytes` of payload, but the oldest one in
+    /// any case if `at_least_one`. The rest stay queued.
+    pub fn take_outbound(
+        &mut self,
+        max_items: usize,
+        max_bytes: usize,
+        at_least_one: bool,
+    ) -> Vec<Outbound> {
+        let mut n = 0;
+        let mut bytes = 0;
+        for o in &self.outbound {
+            let fits = n < max_items && bytes + o.payload.len() <= max_bytes;
+            let forced = at_least_one && n == 0;
+            if !(fits || forced) {
+                break;
+            }
+            n += 1;
+            bytes += o.payload.len();
+        }
+        self.outbound.drain(..n).collect()
+    }
+
+    /// Stops domain `name` and forgets it: its share is freed, tokens that
+    /// would lead to it are dropped. Returns the tags of the kernel's
+    /// messages to it that will now never be answered.
+    pub fn stop(&mut self, name: &str) -> Result<Vec<u64>, DriverError> {
+        let id = self.id(name)?;
+        self.n.stop(id);
+        self.names.remove(name);
+        self.doms.remove(&id);
+        let mut orphaned = Vec::new();
+        self.tokens.retain(|_, d| {
+            if d.domain() != id {
+                return true;
+            }
+            if let Dest::Kernel(tag, _) = d {
+                orphaned.push(*tag);
+            }
+            false
+        });
+        Ok(orphaned)
+    }
+
+    /// The names of the domains, with their ids.
+    pub fn names(&self) -> impl Iterator<Item = (&str, DomainId)> {
+        self.names.iter().map(|(n, id)| (n.as_str(), *id))
+    }
+
+    /// The runtime row of domain `id` (`mettactl ps`), as incarnation
+    /// `epoch`; see [`runtime_row`].
+    pub fn runtime(&self, id: DomainId, epoch: u64) -> Option<DomainRuntime> {
+        let d = self.n.domain(id)?;
+        let rec = self.doms.get(&id)?;
+        let state = match d.failure() {
+            Some(why) => RunState::Failed(why),
+            None if self.n.scheduler().entry(id).is_some_and(|e| e.runnable) => RunState::Running,
+            None => RunState::Waiting,
+        };
+        Some(runtime_row(
+            rec,
+            epoch,
+            state,
+            d.stats(),
+            d.memory().len() as u64,
+        ))
     }
 
     /// Answers to the kernel's messages since the last call: `(tag, bytes)`.
@@ -372,6 +534,13 @@ impl Driver {
             } => {
                 let end = clock().max(now);
                 self.account(domain, why, now, end - now, charged_ns);
+                if let Some(st) = self.doms.get_mut(&domain) {
+                    if st.first_activation_ns.is_none()
+                        && !matches!(activation.outcome, Outcome::Trapped(_))
+                    {
+                        st.first_activation_ns = Some(end);
+                    }
+                }
                 self.recalibrate(activation.fuel_used, end - now);
                 // Logs first: the domain's lines come before the driver's
                 // notes about the messages it sent.
@@ -469,8 +638,10 @@ impl Driver {
             } = out;
             match reply {
                 Some(ReplyToken(t)) => match self.tokens.remove(&t) {
-                    Some(Dest::Kernel(tag)) => self.answers.push((tag, payload)),
-                    Some(Dest::Domain(to, ch)) => {
+                    Some(Dest::Kernel(tag, _)) => self.answers.push((tag, payload)),
+                    // (A domain only answers tokens it was given: a remote
+                    // one never reaches a local domain.)
+                    Some(Dest::Domain(to, ch) | Dest::Remote(to, ch)) => {
                         let msg = Message {
                             channel: ch,
                             payload,
@@ -504,12 +675,33 @@ impl Driver {
                                 }
                             }
                         }
+                        None if self.cfg.outbound => {
+                            self.queue_outbound(from, channel, payload, now)
+                        }
                         None => self.undelivered(from, &channel, "no route", now),
                     }
                 }
             }
         }
         delivered
+    }
+
+    /// Queues a message no local domain serves for the control plane.
+    fn queue_outbound(&mut self, from: DomainId, channel: String, payload: Vec<u8>, now: u64) {
+        let Some(name) = self.doms.get(&from).map(|st| st.name.clone()) else {
+            return;
+        };
+        if self.outbound.len() >= MAX_OUTBOUND {
+            self.undelivered(from, &channel, "outbound queue full", now);
+            return;
+        }
+        let token = self.mint(Dest::Remote(from, channel.clone()));
+        self.outbound.push_back(Outbound {
+            from: name,
+            channel,
+            payload,
+            token: token.0,
+        });
     }
 
     fn undelivered(&mut self, from: DomainId, channel: &str, why: &str, now: u64) {
@@ -583,6 +775,74 @@ pub fn route_to<'a>(
         })
         .max_by_key(|&(len, id)| (len, core::cmp::Reverse(id)))
         .map(|(_, id)| id)
+}
+
+/// How a domain stands, for [`runtime_row`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState<'a> {
+    /// It has work.
+    Running,
+    /// It waits for a message or its timer.
+    Waiting,
+    /// It trapped, for this reason.
+    Failed(&'a str),
+}
+
+/// The `mettactl ps` row of a domain, computed as `control/src/domains.rs`
+/// does for a hosted lane: CPU delivered over the last
+/// [`DELIVERY_WINDOW`] complete periods as ppm of the slice; the 5th
+/// percentile of the charged and the wall-clock share per period and the
+/// 99th of the activation latency over all complete periods kept (the
+/// last record is the period under way and is left out); `starting` until
+/// the first activation has ended.
+pub fn runtime_row(
+    rec: &DomainRecord,
+    epoch: u64,
+    state: RunState<'_>,
+    stats: &metta_nucleus::Stats,
+    memory_bytes: u64,
+) -> DomainRuntime {
+    let slice = rec.contract.slice_ns;
+    let complete: Vec<&PeriodRecord> = rec.periods.iter().rev().skip(1).collect();
+    let window = &complete[..complete.len().min(DELIVERY_WINDOW)];
+    let delivered_ppm = (!window.is_empty() && slice > 0).then(|| {
+        let used: u64 = window.iter().map(|p| p.cpu_ns_charged).sum();
+        crate::stats::ppm(used, slice * window.len() as u64)
+    });
+    let share = |ns: u64| crate::stats::ppm(ns, slice.max(1));
+    let p = |mut v: Vec<u64>, permille: u64| {
+        (!v.is_empty()).then(|| crate::stats::percentile(&mut v, permille))
+    };
+    let shares = complete.iter().map(|r| share(r.cpu_ns_charged)).collect();
+    let real = complete.iter().map(|r| share(r.cpu_ns_real)).collect();
+    let latencies = complete
+        .iter()
+        .filter(|r| r.activations > 0)
+        .map(|r| r.latency_ns / 1_000)
+        .collect();
+    let state = match state {
+        RunState::Failed(why) => format!("failed: {why}"),
+        _ if rec.first_activation_ns.is_none() => "starting".to_string(),
+        RunState::Running => "running".to_string(),
+        RunState::Waiting => "waiting".to_string(),
+    };
+    DomainRuntime {
+        name: rec.name.clone(),
+        epoch,
+        state,
+        cpu_ns: stats.cpu_ns,
+        delivered_ppm,
+        activations: stats.activations,
+        memory_bytes,
+        start_us: rec
+            .first_activation_ns
+            .map(|f| f.saturating_sub(rec.spawned_ns) / 1_000),
+        periods: complete.len() as u32,
+        delivered_p5_ppm: p(shares, 50),
+        real_p5_ppm: p(real, 50),
+        latency_p99_us: p(latencies, 990),
+        undelivered: rec.undelivered,
+    }
 }
 
 /// The start of the period a run that began at `start` belongs to, given the
@@ -885,6 +1145,273 @@ mod tests {
             && l.text == "driver: message on /svc/counter dropped: no route"));
         let id = d.id("client").unwrap();
         assert_eq!(d.record(id).unwrap().undelivered, 1);
+    }
+
+    #[test]
+    fn without_a_local_route_messages_go_outbound_and_answers_come_back() {
+        let mut d = Driver::new(
+            Config {
+                recalibrate: false,
+                outbound: true,
+                ..Config::default()
+            },
+            FuelRate::new(1, 100),
+        );
+        let mut clock = Clock(0);
+        d.spawn(
+            "client",
+            testdomains::CLIENT,
+            contract(1, 10, false),
+            caps(&["/svc/counter"]),
+            0,
+        )
+        .unwrap();
+        let id = d.id("client").unwrap();
+        // Three round trips through "the control plane" (this test).
+        for round in 1..=3u64 {
+            let until = clock.0 + 30_000_000;
+            run(&mut d, &mut clock, until);
+            let out = d.take_outbound(usize::MAX, usize::MAX, false);
+            assert_eq!(out.len(), 1, "round {round}: {out:?}");
+            let o = &out[0];
+            assert_eq!(
+                (o.from.as_str(), o.channel.as_str(), o.payload.as_slice()),
+                ("client", "/svc/counter", &b"incr"[..])
+            );
+            d.answer(o.token, (round * 10).to_le_bytes().to_vec(), clock.0)
+                .unwrap();
+            // A token is redeemed once.
+            assert_eq!(
+                d.answer(o.token, vec![], clock.0),
+                Err(DriverError::StaleToken(o.token))
+            );
+        }
+        let until = clock.0 + 30_000_000;
+        run(&mut d, &mut clock, until);
+        let mem = d.nucleus().domain(id).unwrap().memory();
+        assert_eq!(read_le::<4>(mem, testdomains::CLIENT_ANSWERS_AT), 3);
+        assert_eq!(read_le::<8>(mem, testdomains::CLIENT_LAST_AT), 30);
+        assert_eq!(
+            d.take_outbound(usize::MAX, usize::MAX, false).len(),
+            1,
+            "the fourth request"
+        );
+        assert_eq!(d.record(id).unwrap().undelivered, 0);
+        let (lines, _) = d.take_lines();
+        assert!(
+            !lines.iter().any(|l| l.text.contains("dropped")),
+            "{lines:?}"
+        );
+        // A kernel tag's token cannot be redeemed as an outbound answer.
+        d.deliver("client", "/svc/counter", b"", 5, clock.0)
+            .unwrap();
+        let kernel_token = d.next_token - 1;
+        assert_eq!(
+            d.answer(kernel_token, vec![], clock.0),
+            Err(DriverError::StaleToken(kernel_token))
+        );
+        assert_eq!(d.tokens.len(), 2, "the kernel's token stays");
+    }
+
+    #[test]
+    fn the_outbound_queue_is_bounded() {
+        let mut d = Driver::new(
+            Config {
+                recalibrate: false,
+                outbound: true,
+                ..Config::default()
+            },
+            FuelRate::new(1, 100),
+        );
+        d.spawn(
+            "client",
+            testdomains::CLIENT,
+            contract(1, 10, false),
+            caps(&["/svc/counter"]),
+            0,
+        )
+        .unwrap();
+        let id = d.id("client").unwrap();
+        for i in 0..MAX_OUTBOUND + 2 {
+            d.queue_outbound(id, "/x".into(), vec![i as u8], 0);
+        }
+        assert!(d.take_outbound(0, 0, false).is_empty());
+        let first = d.take_outbound(0, 0, true);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].payload, [0]);
+        assert_eq!(d.take_outbound(10, 2, false).len(), 2);
+        assert_eq!(d.take_outbound(3, 100, false).len(), 3);
+        assert_eq!(
+            d.take_outbound(usize::MAX, usize::MAX, false).len(),
+            MAX_OUTBOUND - 6
+        );
+        assert_eq!(d.record(id).unwrap().undelivered, 2);
+        let (lines, _) = d.take_lines();
+        assert_eq!(
+            lines.last().unwrap().text,
+            "driver: message on /x dropped: outbound queue full"
+        );
+    }
+
+    #[test]
+    fn stopping_a_domain_frees_its_share_and_forgets_its_tokens() {
+        let mut d = driver();
+        let mut clock = Clock(0);
+        let svc = caps(&["/svc/counter"]);
+        d.spawn(
+            "counter",
+            testdomains::COUNTER,
+            contract(5, 10, false),
+            svc.clone(),
+            0,
+        )
+        .unwrap();
+        // 50 % + 50 % does not fit in 90 %.
+        assert!(matches!(
+            d.spawn(
+                "other",
+                testdomains::COUNTER,
+                contract(5, 10, false),
+                svc.clone(),
+                0
+            ),
+            Err(DriverError::Spawn(SpawnError::Admission(_)))
+        ));
+        d.deliver("counter", "/svc/counter", b"incr", 1, 0).unwrap();
+        d.deliver("counter", "/svc/counter", b"incr", 2, 0).unwrap();
+        assert_eq!(d.stop("counter").unwrap(), [1, 2]);
+        assert!(d.tokens.is_empty());
+        assert!(matches!(
+            d.stop("counter"),
+            Err(DriverError::NoSuchDomain(_))
+        ));
+        assert!(d.record(DomainId(0)).is_none());
+        assert_eq!(d.names().count(), 0);
+        // Its share is free again; a new incarnation under the same name
+        // starts from scratch.
+        d.spawn(
+            "counter",
+            testdomains::COUNTER,
+            contract(5, 10, false),
+            svc,
+            clock.0,
+        )
+        .unwrap();
+        d.post("counter", "/svc/counter", b"incr", clock.0).unwrap();
+        d.deliver("counter", "/svc/counter", b"incr", 3, clock.0)
+            .unwrap();
+        run(&mut d, &mut clock, 50_000_000);
+        // The posted message was counted; it had no token to answer.
+        assert_eq!(d.take_answers(), [(3, 2u64.to_le_bytes().to_vec())]);
+    }
+
+    #[test]
+    fn runtime_rows_as_hosted_computes_them() {
+        let c = contract(2, 10, false);
+        let rec = |start_ms: u64, got_us: u64, real_us: u64, lat_us: u64| PeriodRecord {
+            start_ns: start_ms * 1_000_000,
+            latency_ns: lat_us * 1_000,
+            activations: 1,
+            cpu_ns_real: real_us * 1_000,
+            cpu_ns_charged: got_us * 1_000,
+            guaranteed_ns: got_us * 1_000,
+        };
+        // 12 complete periods, then the one under way (left out).
+        let mut periods: VecDeque<PeriodRecord> = (0..12)
+            .map(|i| rec(i * 10, if i == 0 { 1_000 } else { 2_000 }, 1_900, 10 + i))
+            .collect();
+        periods.push_back(rec(120, 100, 100, 999_999));
+        let r = DomainRecord {
+            name: "c1".into(),
+            contract: c,
+            spawned_ns: 5_000_000,
+            first_activation_ns: Some(5_250_000),
+            real_ns: 0,
+            guaranteed_ns: 0,
+            extra_ns: 0,
+            undelivered: 4,
+            periods,
+        };
+        let stats = metta_nucleus::Stats {
+            activations: 13,
+            cpu_ns: 23_100_000,
+            ..Default::default()
+        };
+        let row = runtime_row(&r, 3, RunState::Waiting, &stats, 65_536);
+        assert_eq!(
+            row,
+            DomainRuntime {
+                name: "c1".into(),
+                epoch: 3,
+                state: "waiting".into(),
+                cpu_ns: 23_100_000,
+                // The last 10 complete periods got their full slice (the
+                // half-served first one is outside the window).
+                delivered_ppm: Some(1_000_000),
+                activations: 13,
+                memory_bytes: 65_536,
+                start_us: Some(250),
+                periods: 12,
+                // Nearest rank over 12: the smallest (the first period).
+                delivered_p5_ppm: Some(500_000),
+                real_p5_ppm: Some(950_000),
+                latency_p99_us: Some(21),
+                undelivered: 4,
+            }
+        );
+        assert_eq!(
+            runtime_row(&r, 3, RunState::Failed("boom"), &stats, 0).state,
+            "failed: boom"
+        );
+        assert_eq!(
+            runtime_row(&r, 3, RunState::Running, &stats, 0).state,
+            "running"
+        );
+        let fresh = DomainRecord {
+            first_activation_ns: None,
+            periods: VecDeque::new(),
+            ..r
+        };
+        let row = runtime_row(&fresh, 1, RunState::Running, &Default::default(), 0);
+        assert_eq!(row.state, "starting");
+        assert_eq!(
+            (
+                row.delivered_ppm,
+                row.start_us,
+                row.periods,
+                row.latency_p99_us
+            ),
+            (None, None, 0, None)
+        );
+    }
+
+    #[test]
+    fn the_driver_reports_the_first_activation_and_live_rows() {
+        let mut d = driver();
+        let mut clock = Clock(1_000_000);
+        d.spawn(
+            "steady",
+            testdomains::STEADY,
+            contract(2, 10, false),
+            Caps::none(),
+            clock.0,
+        )
+        .unwrap();
+        let id = d.id("steady").unwrap();
+        assert_eq!(d.runtime(id, 1).unwrap().state, "starting");
+        run(&mut d, &mut clock, 200_000_000);
+        let rec = d.record(id).unwrap();
+        let first = rec.first_activation_ns.unwrap();
+        assert!(first > rec.spawned_ns);
+        let row = d.runtime(id, 1).unwrap();
+        assert!(
+            matches!(row.state.as_str(), "running" | "waiting"),
+            "{row:?}"
+        );
+        assert_eq!(row.start_us, Some((first - rec.spawned_ns) / 1_000));
+        assert!(row.periods >= 15, "{row:?}");
+        assert!(row.delivered_ppm.unwrap() >= 900_000, "{row:?}");
+        assert!(d.runtime(DomainId(99), 1).is_none());
     }
 
     #[test]

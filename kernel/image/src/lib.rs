@@ -40,6 +40,7 @@ pub mod hwrand;
 pub mod linkpolicy;
 pub mod memory;
 pub mod multiboot;
+pub mod node;
 pub mod paging;
 pub mod rtc;
 pub mod stats;

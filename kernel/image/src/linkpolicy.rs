@@ -1,8 +1,9 @@
 //! The policy of the native node's link to the control plane, without I/O:
-//! how long to wait before trying again ([`Backoff`]), and what an attempt's
-//! outcome means ([`after_join`], [`after_heartbeat`]): go on, retry after a
-//! backoff (and why, for the log), or stop with a distinct exit code and a
-//! line that says what happened.
+//! how long to wait before trying again ([`Backoff`]), what an attempt's
+//! outcome means ([`after_join`], [`after_heartbeat`], [`after_sync`],
+//! [`after_renew`]): go on, retry after a backoff (and why, for the log), or
+//! stop with a distinct exit code and a line that says what happened; and
+//! when to renew the node's certificate ([`Renewal`]).
 //!
 //! The binary's `src/link.rs` does the I/O (smoltcp TCP, the clock, the
 //! entropy, halting between polls) around the sans-IO `metta-link` session
@@ -17,15 +18,20 @@
 //!   ([`ExitCode::TokenRejected`]), or refused the node or its certificate
 //!   otherwise ([`ExitCode::LinkRefused`]). Retrying those would only hide
 //!   them.
+//! - A **sync** (`Request::Sync`, the member phase's request, which is also
+//!   its heartbeat) is judged like a heartbeat was; its answer must be work.
+//! - A failed **renewal** is never fatal: the certificate in use is still
+//!   valid, so it is tried again after [`RENEW_RETRY_SECS`].
 
 use alloc::format;
 use alloc::string::String;
 use core::fmt;
 
 use metta_link::{
-    interpret_ack, interpret_join, AckError, JoinError, JoinToken, Joined, LinkError, NodeKey,
+    interpret_ack, interpret_join, interpret_renew, AckError, JoinError, JoinToken, Joined,
+    LinkError, NodeKey,
 };
-use metta_proto::{ApiError, Response};
+use metta_proto::{ApiError, NodeWork, Reply, Response};
 
 use crate::exit::ExitCode;
 
@@ -278,6 +284,96 @@ pub fn after_heartbeat(answer: Result<Response, AttemptError>) -> Verdict<()> {
     }
 }
 
+/// What the answer to a sync means: the work in it, or what a failure
+/// means (as for a heartbeat).
+pub fn after_sync(answer: Result<Response, AttemptError>) -> Verdict<NodeWork> {
+    let resp = match answer {
+        Ok(r) => r,
+        Err(e) => return after_failure(e, false).into(),
+    };
+    match resp {
+        Ok(Reply::Work(w)) => Verdict::Done(w),
+        Ok(other) => fatal(
+            ExitCode::LinkRefused,
+            format!(
+                "link: the cluster answered a sync with {}, not work: is it older than this kernel?",
+                reply_name(&other)
+            ),
+        ),
+        Err(ApiError::Unavailable(why)) => {
+            Verdict::Retry(format!("the cluster is unavailable: {why}"))
+        }
+        Err(e) => fatal(
+            ExitCode::LinkRefused,
+            format!("link: the cluster refused the sync: {e}"),
+        ),
+    }
+}
+
+/// The variant of a reply, for messages.
+fn reply_name(r: &Reply) -> &'static str {
+    match r {
+        Reply::Done => "Done",
+        Reply::Work(_) => "Work",
+        Reply::Cert { .. } => "Cert",
+        Reply::Joined(_) => "Joined",
+        _ => "another reply",
+    }
+}
+
+/// Wait this long after a failed renewal before trying again, s.
+pub const RENEW_RETRY_SECS: u64 = 30;
+
+/// When to renew the certificate: at two thirds of its lifetime, counted
+/// from when the node received it (its `not_before` lies 5 minutes back
+/// for clock skew, and a short-lived certificate would be due at once);
+/// after a failure, [`RENEW_RETRY_SECS`] later. Times are unix seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Renewal {
+    due_at: u64,
+}
+
+impl Renewal {
+    /// For a certificate received at `received` that expires at `not_after`.
+    pub fn new(received: u64, not_after: u64) -> Renewal {
+        let lifetime = not_after.saturating_sub(received);
+        Renewal {
+            due_at: received + lifetime * 2 / 3,
+        }
+    }
+
+    /// When it is due.
+    pub fn due_at(&self) -> u64 {
+        self.due_at
+    }
+
+    /// Whether it is due at `now`.
+    pub fn due(&self, now: u64) -> bool {
+        now >= self.due_at
+    }
+
+    /// A renewal attempt failed at `now`: try again later.
+    pub fn failed(&mut self, now: u64) {
+        self.due_at = now + RENEW_RETRY_SECS;
+    }
+}
+
+/// What the answer to a renewal means: the node with its new certificate;
+/// otherwise why not, as a line for the log (never fatal: see the module
+/// docs). A broken connection is the caller's to handle, like a sync's.
+pub fn after_renew(
+    resp: Response,
+    joined: &Joined,
+    key: &NodeKey,
+    now: u64,
+) -> Result<Joined, String> {
+    interpret_renew(resp, joined, key, now).map_err(|e| match e {
+        JoinError::Refused(e) => format!("the cluster refused it: {e}"),
+        JoinError::UnexpectedReply => "the cluster did not answer with a certificate".into(),
+        e => format!("the new certificate is unusable: {e}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +488,101 @@ mod tests {
         );
         let v: Verdict<()> = after_failure(IoError::Reset.into(), false).into();
         assert_eq!(v, Verdict::Retry("connection reset".into()));
+    }
+
+    #[test]
+    fn sync_verdicts() {
+        let w = NodeWork {
+            stop: vec!["c1".into()],
+            ..NodeWork::default()
+        };
+        assert_eq!(after_sync(Ok(Ok(Reply::Work(w.clone())))), Verdict::Done(w));
+        assert_eq!(
+            after_sync(Err(AttemptError::Io(IoError::Timeout {
+                what: "answer",
+                ms: 5_500
+            }))),
+            Verdict::Retry("no answer within 5.5 s".into())
+        );
+        assert!(matches!(
+            after_sync(Ok(Err(ApiError::Unavailable("election".into())))),
+            Verdict::Retry(m) if m == "the cluster is unavailable: election"
+        ));
+        match after_sync(Ok(Ok(Reply::Done))) {
+            Verdict::Fatal { code, message } => {
+                assert_eq!(code, ExitCode::LinkRefused);
+                assert_eq!(
+                    message,
+                    "link: the cluster answered a sync with Done, not work: is it older than this kernel?"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+        match after_sync(Ok(Err(ApiError::InvalidArgument(
+            "native nodes only".into(),
+        )))) {
+            Verdict::Fatal { code, message } => {
+                assert_eq!(code, ExitCode::LinkRefused);
+                assert_eq!(
+                    message,
+                    "link: the cluster refused the sync: invalid argument: native nodes only"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(
+            code(after_sync(Err(LinkError::ServerAlert(
+                rustls::AlertDescription::CertificateRevoked
+            )
+            .into()))),
+            Some(ExitCode::LinkRefused)
+        );
+    }
+
+    #[test]
+    fn renewal_at_two_thirds_of_the_lifetime_as_received() {
+        // A day's certificate received at t = 1,000.
+        let mut r = Renewal::new(1_000, 1_000 + 86_400);
+        assert_eq!(r.due_at(), 1_000 + 57_600);
+        assert!(!r.due(1_000 + 57_599));
+        assert!(r.due(1_000 + 57_600));
+        r.failed(60_000);
+        assert_eq!(r.due_at(), 60_000 + RENEW_RETRY_SECS);
+        assert!(!r.due(60_029) && r.due(60_030));
+        // A short one (mettactl init --cert-lifetime 30s): due 20 s after
+        // it came, not at once.
+        let r = Renewal::new(500, 530);
+        assert!(!r.due(519) && r.due(520));
+        // Already expired by our clock: due now.
+        assert!(Renewal::new(900, 800).due(900));
+    }
+
+    #[test]
+    fn renewal_answers() {
+        let key = NodeKey::from_entropy(&[9; 32]).unwrap();
+        let joined = Joined {
+            node_id: 7,
+            cluster: "lab".into(),
+            role: metta_proto::Role::Worker,
+            cert_der: vec![],
+            cert_not_after: 0,
+            ca_der: vec![],
+            members: vec![],
+        };
+        let why = |r| after_renew(r, &joined, &key, 0).unwrap_err();
+        assert_eq!(
+            why(Err(ApiError::Unavailable("no leader".into()))),
+            "the cluster refused it: unavailable: no leader"
+        );
+        assert_eq!(
+            why(Ok(Reply::Done)),
+            "the cluster did not answer with a certificate"
+        );
+        assert!(why(Ok(Reply::Cert {
+            cert_pem: "junk".into(),
+            not_after: 0
+        }))
+        .starts_with("the new certificate is unusable: "));
     }
 
     #[test]

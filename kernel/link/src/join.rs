@@ -8,7 +8,10 @@
 //!    cluster and chaining to that CA; the result ([`Joined`]) holds what a
 //!    member session needs ([`Joined::link_config`]);
 //! 3. [`heartbeat_request`] / [`interpret_ack`]: periodic liveness reports
-//!    over a member session.
+//!    over a member session (a native node sends them inside its
+//!    `Request::Sync`, whose answer its driver interprets);
+//! 4. [`renew_request`] / [`interpret_renew`]: a fresh certificate for the
+//!    same key before the current one expires, checked like the join's.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -168,10 +171,42 @@ pub fn interpret_join(
         return Err(JoinError::PinMismatch);
     }
     let cluster = ca_cluster(&ca_der).map_err(JoinError::Certificate)?;
-    let cert_der = pem_cert_to_der(&r.cert_pem).map_err(JoinError::Certificate)?;
+    let (cert_der, cert_not_after) = check_node_cert(
+        &r.cert_pem,
+        &ca_der,
+        &cluster,
+        (r.node_id, &r.cluster),
+        key,
+        now,
+    )?;
+    Ok(Joined {
+        node_id: r.node_id,
+        cluster,
+        role: r.role,
+        cert_der,
+        cert_not_after,
+        ca_der,
+        members: r.members,
+    })
+}
+
+/// Checks a node certificate (PEM) the cluster issued: it must name
+/// `node/<node_id>` of `cluster` (the CA's, which the answer must name
+/// too: `answer`), be for `key` and chain to the CA `ca_der` at `now` (the
+/// check webpki does for servers: Metta certificates carry both serverAuth
+/// and clientAuth). Returns its DER and expiry.
+fn check_node_cert(
+    cert_pem: &str,
+    ca_der: &[u8],
+    cluster: &str,
+    answer: (NodeId, &str),
+    key: &NodeKey,
+    now: u64,
+) -> Result<(Vec<u8>, u64), JoinError> {
+    let cert_der = pem_cert_to_der(cert_pem).map_err(JoinError::Certificate)?;
     let info = parse_leaf(&cert_der).map_err(JoinError::Certificate)?;
-    let expected = Subject::Node(r.node_id);
-    if info.subject != expected || info.cluster != cluster || r.cluster != cluster {
+    let expected = Subject::Node(answer.0);
+    if info.subject != expected || info.cluster != cluster || answer.1 != cluster {
         return Err(JoinError::WrongIdentity {
             expected,
             found: info.subject,
@@ -180,11 +215,9 @@ pub fn interpret_join(
     if info.spki_der != key.spki_der() {
         return Err(JoinError::KeyMismatch);
     }
-    // The chain check webpki does for servers (Metta certificates carry both
-    // serverAuth and clientAuth): signed by the CA, valid at `now`.
     let mut roots = RootCertStore::empty();
     roots
-        .add(CertificateDer::from(ca_der.clone()))
+        .add(CertificateDer::from(ca_der.to_vec()))
         .map_err(|_| {
             JoinError::Certificate(CertProblem::InvalidCa("unusable as a trust anchor"))
         })?;
@@ -199,14 +232,44 @@ pub fn interpret_join(
         ALGORITHMS.all,
     )
     .map_err(|e| JoinError::Certificate(webpki_problem(&e)))?;
+    Ok((cert_der, info.not_after))
+}
+
+/// A renewal: a CSR for the node's current key (the leader checks it is the
+/// registered one and certifies `node/<id>` whatever the CSR asks for).
+pub fn renew_request(key: &NodeKey) -> Result<Request, KeyError> {
+    Ok(Request::Api(ApiRequest::Renew {
+        csr_pem: key.csr_pem(JOIN_CSR_CN)?,
+    }))
+}
+
+/// Checks the answer to [`renew_request`]: `Reply::Cert` with a certificate
+/// checked as the join's is ([`interpret_join`]): for `key`, naming this
+/// node of this cluster, chaining to its CA at `now`. Returns `joined` with
+/// the new certificate.
+pub fn interpret_renew(
+    resp: Response,
+    joined: &Joined,
+    key: &NodeKey,
+    now: u64,
+) -> Result<Joined, JoinError> {
+    let cert_pem = match resp {
+        Ok(Reply::Cert { cert_pem, .. }) => cert_pem,
+        Ok(_) => return Err(JoinError::UnexpectedReply),
+        Err(e) => return Err(JoinError::Refused(e)),
+    };
+    let (cert_der, cert_not_after) = check_node_cert(
+        &cert_pem,
+        &joined.ca_der,
+        &joined.cluster,
+        (joined.node_id, &joined.cluster),
+        key,
+        now,
+    )?;
     Ok(Joined {
-        node_id: r.node_id,
-        cluster,
-        role: r.role,
         cert_der,
-        cert_not_after: info.not_after,
-        ca_der,
-        members: r.members,
+        cert_not_after,
+        ..joined.clone()
     })
 }
 

@@ -19,7 +19,9 @@
 //!   the join token (joining) or to the cluster CA (a member) — with the
 //!   Metta certificate rules of [`cert`];
 //! - [`join_request`] / [`interpret_join`] / [`heartbeat_request`] /
-//!   [`interpret_ack`]: the requests a native node makes.
+//!   [`interpret_ack`] / [`renew_request`] / [`interpret_renew`]: the
+//!   requests a native node makes (its `Request::Sync` is built by the
+//!   kernel from `metta-proto` types).
 //!
 //! # Design
 //!
@@ -93,7 +95,8 @@ mod verify;
 pub use cert::{CertProblem, LeafInfo};
 pub use error::LinkError;
 pub use join::{
-    heartbeat_request, interpret_ack, interpret_join, join_request, AckError, JoinError, Joined,
+    heartbeat_request, interpret_ack, interpret_join, interpret_renew, join_request, renew_request,
+    AckError, JoinError, Joined,
 };
 pub use key::{KeyError, NodeKey};
 pub use provider::provider;

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use metta_link::{
-    heartbeat_request, interpret_ack, interpret_join, join_request, CertProblem, JoinToken,
-    LinkConfig, LinkError, NodeKey, Phase, ServerTrust, Session,
+    heartbeat_request, interpret_ack, interpret_join, interpret_renew, join_request, renew_request,
+    CertProblem, JoinError, JoinToken, LinkConfig, LinkError, NodeKey, Phase, ServerTrust, Session,
 };
 use metta_proto::{
     ApiError, ApiRequest, JoinResponse, NodeKind, NodeResources, Reply, Request, Role, Subject,
@@ -346,6 +346,114 @@ fn expired_and_unexpected_servers_are_rejected() {
     )
     .unwrap_err();
     assert!(matches!(err, LinkError::InvalidCa(_)), "{err}");
+}
+
+#[test]
+fn renewal_over_a_member_session_checks_the_new_certificate() {
+    let ca = ca("lab");
+    let server_party = party(&ca, Subject::Node(1), 3600, true);
+    let cfg = server_config(&ca, &server_party, T0 + 10);
+    let token = token_for(&ca);
+    let key = NodeKey::from_entropy(&entropy()).unwrap();
+    let mut client = Session::new(&LinkConfig::join(token.pin), T0 + 10, &entropy()).unwrap();
+    let mut server = Server::new(cfg.clone());
+    client
+        .send_frame(&join_request(&token, &key, "n7", "10.0.0.7:7000", resources()).unwrap())
+        .unwrap();
+    pump(&mut client, &mut server).unwrap();
+    answer_join(&mut server, &ca, &token, 7);
+    pump(&mut client, &mut server).unwrap();
+    let joined =
+        interpret_join(client.poll_response().unwrap().unwrap(), &token, &key, T0).unwrap();
+
+    // The renewal request travels on a member session; the server issues
+    // a certificate for the CSR's key, as mettad's renew_for does.
+    let mut client = Session::new(&joined.link_config(key.clone()), T0 + 2400, &entropy()).unwrap();
+    let mut server = Server::new(server_config(&ca, &server_party, T0 + 2400));
+    client.send_frame(&renew_request(&key).unwrap()).unwrap();
+    pump(&mut client, &mut server).unwrap();
+    let Some(Request::Api(ApiRequest::Renew { csr_pem })) = server.request() else {
+        panic!("expected a renewal")
+    };
+    assert_eq!(server.peer_subject(), Some(Subject::Node(7)));
+    assert_eq!(
+        metta_trust::csr_public_key(&csr_pem).unwrap(),
+        key.spki_der(),
+        "the CSR is for the node's registered key"
+    );
+    let issued = ca
+        .issue(&csr_pem, &Subject::Node(7), T0 + 2400, 3600, [8; 16])
+        .unwrap();
+    server.respond(&Ok(Reply::Cert {
+        cert_pem: issued.pem.clone(),
+        not_after: issued.not_after,
+    }));
+    pump(&mut client, &mut server).unwrap();
+    let resp = client.poll_response().unwrap().unwrap();
+    let renewed = interpret_renew(resp, &joined, &key, T0 + 2400).unwrap();
+    assert_eq!(renewed.cert_not_after, T0 + 2400 + 3600);
+    assert_eq!(renewed.cert_der, issued.der);
+    assert_eq!((renewed.node_id, &renewed.ca_der), (7, &joined.ca_der));
+
+    // The new certificate works for a member session, after the old one
+    // expired (T0 + 3600, as the server's clock has it).
+    let mut client =
+        Session::new(&renewed.link_config(key.clone()), T0 + 3500, &entropy()).unwrap();
+    let mut server = Server::new(server_config(&ca, &server_party, T0 + 3700));
+    pump(&mut client, &mut server).unwrap();
+    assert_eq!(client.phase(), Phase::Established);
+    assert_eq!(server.peer_subject(), Some(Subject::Node(7)));
+
+    // Refused: a certificate for another node, for another key, an error,
+    // something else.
+    let other = ca
+        .issue(&csr_pem, &Subject::Node(8), T0, 3600, [9; 16])
+        .unwrap();
+    let cert = |pem: String| {
+        Ok(Reply::Cert {
+            cert_pem: pem,
+            not_after: 0,
+        })
+    };
+    assert!(matches!(
+        interpret_renew(cert(other.pem), &joined, &key, T0),
+        Err(JoinError::WrongIdentity { .. })
+    ));
+    let stranger = NodeKey::from_entropy(&[3; 32]).unwrap();
+    let theirs = ca
+        .issue(
+            &stranger.csr_pem("x").unwrap(),
+            &Subject::Node(7),
+            T0,
+            3600,
+            [10; 16],
+        )
+        .unwrap();
+    assert_eq!(
+        interpret_renew(cert(theirs.pem), &joined, &key, T0),
+        Err(JoinError::KeyMismatch)
+    );
+    assert!(matches!(
+        interpret_renew(
+            Err(ApiError::Unavailable("no leader".into())),
+            &joined,
+            &key,
+            T0
+        ),
+        Err(JoinError::Refused(ApiError::Unavailable(_)))
+    ));
+    assert_eq!(
+        interpret_renew(Ok(Reply::Done), &joined, &key, T0),
+        Err(JoinError::UnexpectedReply)
+    );
+    // Another CA's certificate for the same name and key does not chain.
+    let impostor = ca_with_same_name()
+        .issue(&csr_pem, &Subject::Node(7), T0, 3600, [11; 16])
+        .unwrap();
+    assert!(matches!(
+        interpret_renew(cert(impostor.pem), &joined, &key, T0),
+        Err(JoinError::Certificate(_))
+    ));
 }
 
 #[test]
