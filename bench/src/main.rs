@@ -85,6 +85,30 @@ enum Mode {
     },
 }
 
+/// The options every `mettad` benchmark (`qos`, `start-latency`) shares.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Directory holding release `mettad` and `mettactl` (default: the
+    /// directory of this binary).
+    #[arg(long)]
+    pub(crate) bin_dir: Option<PathBuf>,
+    /// mettad's log filter.
+    #[arg(long, default_value = "info")]
+    pub(crate) mettad_log: String,
+    /// Where to create the temporary directories (default: $TMPDIR or /tmp).
+    #[arg(long)]
+    pub(crate) work_dir: Option<PathBuf>,
+    /// Keep the temporary directories.
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub(crate) save_json: Option<PathBuf>,
+    /// Output format of the report (progress goes to stderr).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub(crate) output: Output,
+}
+
 /// Options of the registry write benchmark (the default mode).
 #[derive(Debug, clap::Args)]
 struct Args {

@@ -28,7 +28,7 @@ use crate::cfs::{self, LinuxRun};
 use crate::metta::{self, contract, ClusterOpts, MettaCluster};
 use crate::procs::{cpu_secs, machine_busy_secs, pin_self, wait_quiet, Procs};
 use crate::stats::Spread;
-use crate::{find_bins, machine_info, parse_duration, Machine, Output};
+use crate::{find_bins, machine_info, parse_duration, Machine};
 
 /// QoS crosstalk on a real mettad vs Linux CFS bandwidth control.
 ///
@@ -76,25 +76,8 @@ pub struct QosArgs {
     /// Skip the mettad side.
     #[arg(long)]
     no_metta: bool,
-    /// Directory holding release `mettad` and `mettactl` (default: the
-    /// directory of this binary).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// mettad's log filter.
-    #[arg(long, default_value = "info")]
-    mettad_log: String,
-    /// Where to create the temporary directories (default: $TMPDIR or /tmp).
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Keep the temporary directories.
-    #[arg(long)]
-    keep: bool,
-    /// Also write the JSON report to this file.
-    #[arg(long)]
-    save_json: Option<PathBuf>,
-    /// Output format of the report (progress goes to stderr).
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    output: Output,
+    #[command(flatten)]
+    common: crate::RunArgs,
 }
 
 /// How long `--quiet` waits for the machine at most, per side.
@@ -273,7 +256,7 @@ async fn metta_side(
         nodes: 1,
         pin_cpu: Some(args.cpu),
     };
-    let c = MettaCluster::start_with(dir, bins, &mut procs, &args.mettad_log, opts)
+    let c = MettaCluster::start_with(dir, bins, &mut procs, &args.common.mettad_log, opts)
         .await
         .context("starting the node")?;
     c.push_images(&[("spin", wasm)]).await?;
@@ -380,7 +363,11 @@ async fn one_run(
     bins: &metta::Bins,
     wasm: &Path,
 ) -> anyhow::Result<RunResult> {
-    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let parent = args
+        .common
+        .work_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::Builder::new()
         .prefix("metta-bench-qos-")
         .tempdir_in(&parent)
@@ -463,7 +450,7 @@ async fn one_run(
         );
         r.linux = Some(l);
     }
-    if args.keep {
+    if args.common.keep {
         eprintln!("  kept {}", tmp.keep().display());
     }
     Ok(r)
@@ -638,7 +625,7 @@ pub async fn main(args: QosArgs) -> anyhow::Result<()> {
     if args.cpu == args.sampler_cpu {
         bail!("--cpu and --sampler-cpu must differ");
     }
-    let bins = find_bins(args.bin_dir.as_deref())?;
+    let bins = find_bins(args.common.bin_dir.as_deref())?;
     let wasm = std::fs::canonicalize(&args.wasm).with_context(|| {
         format!(
             "{} (build the domains with domains/build.sh)",
@@ -646,7 +633,7 @@ pub async fn main(args: QosArgs) -> anyhow::Result<()> {
         )
     })?;
     // Before pinning: it counts the CPUs this process may use.
-    let machine = machine_info(args.work_dir.as_deref());
+    let machine = machine_info(args.common.work_dir.as_deref());
     // The sampler and the API client stay off the measured CPU; children
     // inherit this unless started under `taskset -c CPU`.
     pin_self(args.sampler_cpu)?;
@@ -659,9 +646,12 @@ pub async fn main(args: QosArgs) -> anyhow::Result<()> {
         );
     }
     let report = summarize(&args, runs, machine);
-    crate::emit(&report, args.output, args.save_json.as_deref(), |r| {
-        print_table(r)
-    })
+    crate::emit(
+        &report,
+        args.common.output,
+        args.common.save_json.as_deref(),
+        print_table,
+    )
 }
 
 #[cfg(test)]

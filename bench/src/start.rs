@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::metta::{self, ClusterOpts, MettaCluster};
 use crate::procs::{cpu_secs, machine_busy_secs, wait_quiet, Procs};
 use crate::stats::{percentile, Spread};
-use crate::{find_bins, machine_info, Machine, Output};
+use crate::{find_bins, machine_info, Machine};
 
 /// Domain start latency: `run` → first activation, on 127.0.0.1.
 ///
@@ -54,25 +54,8 @@ pub struct StartArgs {
     /// Only the 1-node cluster.
     #[arg(long)]
     no_three: bool,
-    /// Directory holding release `mettad` and `mettactl` (default: the
-    /// directory of this binary).
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// mettad's log filter.
-    #[arg(long, default_value = "info")]
-    mettad_log: String,
-    /// Where to create the temporary directories (default: $TMPDIR or /tmp).
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Keep the temporary directories.
-    #[arg(long)]
-    keep: bool,
-    /// Also write the JSON report to this file.
-    #[arg(long)]
-    save_json: Option<PathBuf>,
-    /// Output format of the report (progress goes to stderr).
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
-    output: Output,
+    #[command(flatten)]
+    common: crate::RunArgs,
 }
 
 /// How long `--quiet` waits for the machine at most, per cluster.
@@ -177,7 +160,7 @@ async fn measure_cluster(
         nodes,
         pin_cpu: None,
     };
-    let c = MettaCluster::start_with(dir, bins, &mut procs, &args.mettad_log, opts)
+    let c = MettaCluster::start_with(dir, bins, &mut procs, &args.common.mettad_log, opts)
         .await
         .with_context(|| format!("starting a {nodes}-node cluster"))?;
     c.push_images(&[("counter", wasm)]).await?;
@@ -320,7 +303,11 @@ async fn one_run(
     bins: &metta::Bins,
     wasm: &Path,
 ) -> anyhow::Result<RunResult> {
-    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let parent = args
+        .common
+        .work_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::Builder::new()
         .prefix("metta-bench-start-")
         .tempdir_in(&parent)
@@ -356,7 +343,7 @@ async fn one_run(
         "  process start (`true`): p50 {:.2} p90 {:.2} p99 {:.2} ms",
         process.p50, process.p90, process.p99
     );
-    if args.keep {
+    if args.common.keep {
         eprintln!("  kept {}", tmp.keep().display());
     }
     Ok(RunResult {
@@ -520,14 +507,14 @@ pub async fn main(args: StartArgs) -> anyhow::Result<()> {
     if args.n == 0 || args.n > 10_000 {
         bail!("--n must be 1 to 10000");
     }
-    let bins = find_bins(args.bin_dir.as_deref())?;
+    let bins = find_bins(args.common.bin_dir.as_deref())?;
     let wasm = std::fs::canonicalize(&args.wasm).with_context(|| {
         format!(
             "{} (build the domains with domains/build.sh)",
             args.wasm.display()
         )
     })?;
-    let machine = machine_info(args.work_dir.as_deref());
+    let machine = machine_info(args.common.work_dir.as_deref());
     let mut runs = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
         runs.push(
@@ -537,5 +524,10 @@ pub async fn main(args: StartArgs) -> anyhow::Result<()> {
         );
     }
     let report = summarize(&args, runs, machine);
-    crate::emit(&report, args.output, args.save_json.as_deref(), print_table)
+    crate::emit(
+        &report,
+        args.common.output,
+        args.common.save_json.as_deref(),
+        print_table,
+    )
 }
