@@ -71,6 +71,10 @@ metta_multiboot_header:
 
     .section .bss.boot, "aw", @nobits
     .balign 4096
+    /* global: src/memstat.rs measures the tables and the stack */
+    .global metta_boot_pml4
+    .global metta_boot_stack
+    .global metta_boot_stack_top
 metta_boot_pml4:
     .skip 4096
 metta_boot_pdpt:

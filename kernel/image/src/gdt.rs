@@ -27,6 +27,11 @@ const IST_STACK_SIZE: usize = 16 * 1024;
 /// Number of IST stacks.
 const IST_STACKS: usize = 3;
 
+/// Bytes of the IST stacks (in `.bss`).
+pub fn ist_bytes() -> usize {
+    core::mem::size_of::<IstStacks>()
+}
+
 /// The GDT: null, code, data, and the 16-byte TSS descriptor.
 #[repr(C, align(16))]
 struct Gdt([AtomicU64; 5]);

@@ -1,11 +1,15 @@
 //! The native node's link to the control plane: join with the token from the
-//! command line, then heartbeat, over TLS 1.3 on a smoltcp TCP socket.
+//! command line, then sync — report the domains, take the work the control
+//! plane has for them — over TLS 1.3 on a smoltcp TCP socket, while the
+//! domains run.
 //!
-//! This is the driver around two pure pieces: the sans-IO TLS session and
-//! requests of `metta-link` (`Session`, `join_request`, `heartbeat_request`)
-//! and the retry policy of [`metta_kernel::linkpolicy`] (backoff; which
-//! failures are retried and which end the boot with which exit code). The
-//! driver owns what they leave out:
+//! This is the driver around pure pieces: the sans-IO TLS session and
+//! requests of `metta-link` (`Session`, `join_request`, `renew_request`),
+//! the retry policy of [`metta_kernel::linkpolicy`] (backoff; which failures
+//! are retried and which end the boot with which exit code; when to renew
+//! the certificate), and the placed domains of [`metta_kernel::node`] (what
+//! a sync carries, what its answer means). The driver owns what they leave
+//! out:
 //!
 //! - **Entropy** ([`Identity::create`]): the random pool of `metta-link` is
 //!   seeded from RDSEED/RDRAND ([`entropy::fill`]) and the node's ECDSA P-256
@@ -18,34 +22,58 @@
 //!   ([`Clock`]); sessions check certificates against it.
 //! - **Bytes**: one TCP connection at a time on the DHCP-configured
 //!   interface ([`Net`]); [`Conn::pump`] moves bytes between the socket and
-//!   the session. Between polls the CPU halts until the next timer tick
-//!   (1 ms: the NIC's interrupts are not used), so waiting costs no CPU.
+//!   the session. Between polls the link waits through an [`Idle`]: before
+//!   the join it halts until the next timer tick (1 ms: the NIC's interrupts
+//!   are not used); once domains run, each wait runs them for about a
+//!   millisecond ([`native::Runner`]), so they keep running — on their EDF
+//!   schedule — while the link connects, waits for an answer or backs off.
 //!   Every wait has a deadline: [`CONNECT_TIMEOUT_MS`] for the TCP
 //!   connection, [`JOIN_TIMEOUT_MS`] for the handshake and the join answer,
-//!   [`HEARTBEAT_TIMEOUT_MS`] for a heartbeat's.
+//!   [`SYNC_TIMEOUT_MS`] for a sync's (extended while bytes arrive: work
+//!   can carry modules).
 //!
 //! # What it does
 //!
 //! 1. **Join**: connect to `metta.ctl`, open a session *pinned* to the CA in
 //!    the token, send the join request (token credential, CSR, name,
 //!    `<lease address>:0` as the address — a native node accepts no
-//!    connections yet — and the hardware: 1 CPU, since only the boot CPU
+//!    connections — and the hardware: 1 CPU, since only the boot CPU
 //!    runs, and the usable RAM of the multiboot memory map). Prints
 //!    `joined cluster <c> as node/<id> in <ms> ms (certificate until
 //!    <date>)`, the milliseconds counted from kernel entry, and how the join
 //!    split (DHCP, key and CSR, TCP connect, TLS handshake, request to
 //!    answer).
-//! 2. **Heartbeats**: a member session with the issued certificate, a
-//!    heartbeat every [`HEARTBEAT_INTERVAL_MS`] on the same connection
-//!    (the control plane counts a node `up` while it heard from it in the
-//!    last 3 s); with `metta.heartbeats=<n>` it exits with the success code
-//!    after `n` acknowledged heartbeats, else it runs until stopped.
-//! 3. **Failures** (the policy's verdicts): an unreachable control plane is
+//! 2. **Ready to serve**: calibrates the fuel rate on the TSC (after the
+//!    join, which is a benchmark of its own) and prints it, then the
+//!    kernel's idle memory (`memory: image ..., total <KiB>`).
+//! 3. **Syncs**: a member session with the issued certificate carries one
+//!    `Request::Sync` after another: the heartbeat (hardware, certificate
+//!    expiry), every placed domain's state, its domains' outbound
+//!    messages, answers and log lines, runtime rows when asked for, and
+//!    [`SYNC_HOLD_MS`]: with nothing to do the control plane holds the
+//!    answer that long, so work arrives as soon as it exists. The answer
+//!    ([`NodeWork`]) is carried out at once (stop, start, deliver, answers);
+//!    after a start the next sync waits (up to [`SETTLE_MS`]) for the first
+//!    activation, so `mettactl run` hears of it without a hold in between.
+//!    Acknowledged syncs are the heartbeats the control plane counts:
+//!    `link: heartbeat <n> acknowledged` for the first and every 10th; with
+//!    `metta.heartbeats=<n>` it exits with the success code after `n`, else
+//!    it runs until stopped.
+//! 4. **Renewal**: at two thirds of the certificate's lifetime (as received)
+//!    the member session asks for a new one for the same key
+//!    (`ApiRequest::Renew`), checks it like the join's, and goes on on a new
+//!    connection with it (`link: certificate renewed until <date>;
+//!    reconnecting with it`: the server would cut the old one when the old
+//!    certificate expires); a refusal is retried 30 s later.
+//! 5. **Failures** (the policy's verdicts): an unreachable control plane is
 //!    retried with backoff (`link: cannot reach <addr>: <why>; retrying in
 //!    <n> s`, 0.5 s doubling to 8 s), a lost connection is re-established the
 //!    same way (`link: lost the connection ...`, then `link: reconnected ...`
-//!    once a heartbeat is acknowledged again); the wrong cluster, a rejected
-//!    token or a refused node print why and exit with their own codes.
+//!    once a sync is acknowledged again); a sync that got no answer is sent
+//!    again with the same contents and what came since, so no message,
+//!    answer or log line is lost with a connection. The wrong cluster, a
+//!    rejected token or a refused node print why and exit with their own
+//!    codes.
 //!
 //! The token's secret is never printed: only its id.
 
@@ -54,31 +82,40 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use metta_kernel::bootcfg::{CtlAddr, JoinConfig};
+use metta_kernel::driver::Driver;
 use metta_kernel::exit::ExitCode;
 use metta_kernel::linkpolicy::{
-    after_failure, after_heartbeat, after_join, AttemptError, Backoff, Failure, IoError, Seconds,
-    Verdict,
+    after_failure, after_join, after_renew, after_sync, AttemptError, Backoff, Failure, IoError,
+    Renewal, Seconds, Verdict, RENEW_RETRY_SECS,
 };
 use metta_kernel::multiboot::Bytes;
+use metta_kernel::node::Node;
 use metta_kernel::rtc::DateTime;
-use metta_link::{heartbeat_request, join_request, rng, Joined, LinkConfig, NodeKey, Session};
-use metta_proto::{NodeResources, Request, Response};
+use metta_link::{join_request, renew_request, rng, Joined, LinkConfig, NodeKey, Session};
+use metta_proto::{Heartbeat, NodeResources, Request, Response, MAX_FRAME_LEN};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::Ipv4Address;
 
+use crate::native::{self, Runner};
 use crate::net::Net;
-use crate::{cmos, entropy, kprintln, timer};
+use crate::{cmos, entropy, kprintln, memstat, timer};
 
 /// How long a TCP connection may take to be established.
 pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
 /// How long the TLS handshake and the join answer may take.
 pub const JOIN_TIMEOUT_MS: u64 = 10_000;
-/// How long a heartbeat's answer may take (including a member handshake).
-pub const HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
-/// Time between heartbeats.
-pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
-/// Acknowledged heartbeats are logged: the first, then every this many.
+/// How long the control plane may hold a sync's answer when it has no work.
+pub const SYNC_HOLD_MS: u32 = 500;
+/// How long a sync's answer may take (including a member handshake and the
+/// hold); bytes arriving extend it.
+pub const SYNC_TIMEOUT_MS: u64 = SYNC_HOLD_MS as u64 + 5_000;
+/// How long a renewal's answer may take.
+pub const RENEW_TIMEOUT_MS: u64 = 5_000;
+/// After work with starts, the next sync waits this long at most for the
+/// new domains' first activations.
+pub const SETTLE_MS: u64 = 100;
+/// Acknowledged syncs (heartbeats) are logged: the first, then every this many.
 const HEARTBEAT_LOG_EVERY: u64 = 10;
 /// Bytes read from the socket per call.
 const READ_CHUNK: usize = 16 * 1024;
@@ -96,12 +133,35 @@ fn wait_tick() {
     timer::idle_until(|| timer::ticks() != tick || timer::now_ns() >= start + MS);
 }
 
+/// What the link does between polls of the network: waits about a
+/// millisecond, or until the next timer tick.
+pub trait Idle {
+    /// One wait.
+    fn wait(&mut self);
+}
+
+/// Before the join: nothing else runs; halt.
+struct Halt;
+
+impl Idle for Halt {
+    fn wait(&mut self) {
+        wait_tick();
+    }
+}
+
+/// Once joined: the domains run meanwhile.
+impl Idle for Runner {
+    fn wait(&mut self) {
+        Runner::wait(self);
+    }
+}
+
 /// Keeps the network polled for `ms` milliseconds.
-fn sleep_polling(net: &mut Net, ms: u64) {
+fn sleep_polling(net: &mut Net, ms: u64, idle: &mut dyn Idle) {
     let end = timer::now_ns() + ms * MS;
     while timer::now_ns() < end {
         net.poll();
-        wait_tick();
+        idle.wait();
     }
 }
 
@@ -195,10 +255,12 @@ struct Conn {
     /// TLS bytes the socket has not taken yet.
     out: Vec<u8>,
     buf: Vec<u8>,
+    /// Bytes received so far.
+    received: u64,
 }
 
 /// Opens a TCP connection to `ctl`.
-fn connect(net: &mut Net, ctl: CtlAddr) -> Result<SocketHandle, IoError> {
+fn connect(net: &mut Net, ctl: CtlAddr, idle: &mut dyn Idle) -> Result<SocketHandle, IoError> {
     let mut r = [0u8; 2];
     // The port needs no secrecy; the TSC will do if entropy fails.
     let r = match entropy::fill(&mut r) {
@@ -230,7 +292,7 @@ fn connect(net: &mut Net, ctl: CtlAddr) -> Result<SocketHandle, IoError> {
                 ms: CONNECT_TIMEOUT_MS,
             });
         }
-        wait_tick();
+        idle.wait();
     }
 }
 
@@ -243,10 +305,11 @@ impl Conn {
         config: &LinkConfig,
         now: u64,
         tcp_ns: &mut u64,
+        idle: &mut dyn Idle,
     ) -> Result<Conn, Fault> {
         let entropy = fresh32().map_err(Fault::Exit)?;
         let t = timer::now_ns();
-        let h = connect(net, ctl).map_err(|e| Fault::Connect(e.into()))?;
+        let h = connect(net, ctl, idle).map_err(|e| Fault::Connect(e.into()))?;
         *tcp_ns = timer::now_ns() - t;
         match Session::new(config, now, &entropy) {
             Ok(session) => Ok(Conn {
@@ -254,6 +317,7 @@ impl Conn {
                 session,
                 out: Vec::new(),
                 buf: alloc::vec![0; READ_CHUNK],
+                received: 0,
             }),
             Err(e) => {
                 net.tcp(h).abort();
@@ -276,7 +340,10 @@ impl Conn {
         while sock.can_recv() {
             match sock.recv_slice(&mut self.buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => self.session.receive(&self.buf[..n])?,
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.session.receive(&self.buf[..n])?;
+                }
             }
         }
         let open = sock.may_recv();
@@ -303,20 +370,26 @@ impl Conn {
         net.poll();
     }
 
-    /// One request and its answer, within `timeout_ms`. `on_established`
-    /// runs once, when the handshake has finished.
+    /// One request and its answer, within `timeout_ms` (from the request,
+    /// or from the last bytes received). `on_established` runs once, when
+    /// the handshake has finished.
     fn exchange(
         &mut self,
         net: &mut Net,
         req: &Request,
         timeout_ms: u64,
         mut on_established: impl FnMut(),
+        idle: &mut dyn Idle,
     ) -> Result<Response, AttemptError> {
         let mut established = !self.session.is_handshaking();
         self.session.send_frame(req)?;
-        let deadline = now_ms() + timeout_ms;
+        let mut deadline = now_ms() + timeout_ms;
         loop {
+            let before = self.received;
             let open = self.pump(net)?;
+            if self.received != before {
+                deadline = deadline.max(now_ms() + timeout_ms);
+            }
             if !established && !self.session.is_handshaking() {
                 established = true;
                 on_established();
@@ -339,28 +412,12 @@ impl Conn {
                 }
                 .into());
             }
-            wait_tick();
+            idle.wait();
         }
-    }
-
-    /// Waits until `until_ns`, keeping the connection serviced. Errors if the
-    /// server closed it meanwhile.
-    fn idle_until(&mut self, net: &mut Net, until_ns: u64) -> Result<(), AttemptError> {
-        while timer::now_ns() < until_ns {
-            if !self.pump(net)? {
-                self.session.connection_closed()?;
-                return Err(AttemptError::Link(metta_link::LinkError::PeerClosed {
-                    awaiting: false,
-                    partial: 0,
-                }));
-            }
-            wait_tick();
-        }
-        Ok(())
     }
 
     /// Ends the session politely (close_notify, FIN) and drops the socket.
-    fn close(mut self, net: &mut Net) {
+    fn close(mut self, net: &mut Net, idle: &mut dyn Idle) {
         self.session.close();
         self.out.extend(self.session.take_transmit());
         self.flush(net);
@@ -373,7 +430,7 @@ impl Conn {
             ) {
                 break;
             }
-            wait_tick();
+            idle.wait();
         }
         net.remove(self.h);
     }
@@ -423,17 +480,23 @@ fn join_once(
     times: &mut JoinTimes,
 ) -> Result<Response, Fault> {
     let t0 = timer::now_ns();
-    let mut conn = Conn::open(net, ctl, config, clock.unix(), &mut times.tcp)?;
+    let mut conn = Conn::open(net, ctl, config, clock.unix(), &mut times.tcp, &mut Halt)?;
     let t1 = timer::now_ns();
     times.hello = (t1 - t0).saturating_sub(times.tcp);
     let mut t2 = t1;
-    let r = conn.exchange(net, req, JOIN_TIMEOUT_MS, || t2 = timer::now_ns());
+    let r = conn.exchange(
+        net,
+        req,
+        JOIN_TIMEOUT_MS,
+        || t2 = timer::now_ns(),
+        &mut Halt,
+    );
     let t3 = timer::now_ns();
     times.handshake = t2 - t1;
     times.answer = t3 - t2;
     match r {
         Ok(resp) => {
-            conn.close(net);
+            conn.close(net, &mut Halt);
             Ok(resp)
         }
         Err(e) => {
@@ -453,14 +516,21 @@ impl core::fmt::Display for Millis {
 }
 
 /// Prints a retry line and waits the backoff.
-fn retry(net: &mut Net, backoff: &mut Backoff, what: core::fmt::Arguments<'_>, why: &str) {
+fn retry(
+    net: &mut Net,
+    backoff: &mut Backoff,
+    what: core::fmt::Arguments<'_>,
+    why: &str,
+    idle: &mut dyn Idle,
+) {
     let wait = backoff.fail();
     kprintln!("link: {what}: {why}; retrying in {}", Seconds(wait));
-    sleep_polling(net, wait);
+    sleep_polling(net, wait, idle);
 }
 
-/// Joins the cluster, then heartbeats (see the module docs). Returns the exit
-/// code: success after `metta.heartbeats` heartbeats, else the failure's.
+/// Joins the cluster, then syncs and runs the domains placed here (see the
+/// module docs). Returns the exit code: success after `metta.heartbeats`
+/// acknowledged syncs, else the failure's.
 pub fn run(net: &mut Net, cfg: &JoinConfig<'_>, id: Identity, node: &NodeInfo) -> ExitCode {
     let clock = match Clock::read() {
         Ok(c) => c,
@@ -503,7 +573,13 @@ pub fn run(net: &mut Net, cfg: &JoinConfig<'_>, id: Identity, node: &NodeInfo) -
             Err(Fault::Exit(code)) => return code,
             Err(Fault::Connect(e)) => match after_failure(e, true) {
                 Failure::Retry(why) => {
-                    retry(net, &mut backoff, format_args!("cannot reach {ctl}"), &why);
+                    retry(
+                        net,
+                        &mut backoff,
+                        format_args!("cannot reach {ctl}"),
+                        &why,
+                        &mut Halt,
+                    );
                     continue;
                 }
                 Failure::Fatal { code, message } => {
@@ -521,6 +597,7 @@ pub fn run(net: &mut Net, cfg: &JoinConfig<'_>, id: Identity, node: &NodeInfo) -
                     &mut backoff,
                     format_args!("join via {ctl} failed"),
                     &why,
+                    &mut Halt,
                 );
             }
             Verdict::Fatal { code, message } => {
@@ -550,75 +627,139 @@ pub fn run(net: &mut Net, cfg: &JoinConfig<'_>, id: Identity, node: &NodeInfo) -
         ms(times.answer),
         backoff.failures() + 1
     );
-    heartbeat(net, cfg, &joined, id.key, node, &addr, &clock)
+    let joined_at = clock.unix();
+    let Some(runner) = ready(joined.node_id) else {
+        return ExitCode::BootFailure;
+    };
+    let member = Member {
+        ctl,
+        renewal: Renewal::new(joined_at, joined.cert_not_after),
+        config: member_config(&joined, id.key.clone()),
+        joined,
+        key: id.key,
+        resources: node.resources.clone(),
+        addr,
+        heartbeats: cfg.heartbeats,
+    };
+    member.run(net, runner, &clock)
 }
 
-/// The member phase: heartbeats on a session with the node's certificate,
-/// reconnecting with backoff when the connection is lost.
-fn heartbeat(
-    net: &mut Net,
-    cfg: &JoinConfig<'_>,
-    joined: &Joined,
+/// A member session's config: the cluster's servers, our certificate, and
+/// answers up to the frame limit (work can carry modules of megabytes).
+fn member_config(joined: &Joined, key: NodeKey) -> LinkConfig {
+    let mut c = joined.link_config(key);
+    c.max_response_len = MAX_FRAME_LEN;
+    c
+}
+
+/// After the join: calibrates the fuel rate, prints it and the kernel's
+/// memory, and makes the domains' runner. `None` (said why) if the
+/// nucleus cannot run.
+fn ready(node_id: metta_proto::NodeId) -> Option<Runner> {
+    let t = timer::now_ns();
+    let cal = match native::calibrate() {
+        Ok(c) => c,
+        Err(e) => {
+            kprintln!("node: cannot calibrate the fuel rate: {e}; cannot run domains");
+            return None;
+        }
+    };
+    kprintln!(
+        "node: fuel rate {} fuel/ms by the TSC: median of {} runs of {} fuel ({:?}) in {} ms; \
+         domains may have {}% of the CPU",
+        cal.per_scale,
+        native::CALIBRATION_RUNS,
+        cal.fuel,
+        cal.runs,
+        (timer::now_ns() - t) / MS,
+        native::SERVED.capacity_ppm / 10_000
+    );
+    let runner = Runner::new(Node::new(Driver::new(native::SERVED, cal.rate), node_id));
+    kprintln!("memory: {}", memstat::footprint());
+    Some(runner)
+}
+
+/// The member phase (see the module docs).
+struct Member {
+    ctl: CtlAddr,
+    joined: Joined,
     key: NodeKey,
-    node: &NodeInfo,
-    addr: &str,
-    clock: &Clock,
-) -> ExitCode {
-    let ctl = cfg.ctl;
-    let config = joined.link_config(key);
-    let hb = heartbeat_request(node.resources.clone(), joined.cert_not_after, addr);
-    let mut backoff = Backoff::new();
-    let mut acked = 0u64;
-    let mut reconnecting = false;
-    let mut next_ns = timer::now_ns();
-    loop {
-        let mut conn = match Conn::open(net, ctl, &config, clock.unix(), &mut 0) {
-            Ok(c) => c,
-            Err(Fault::Exit(code)) => return code,
-            Err(Fault::Connect(e) | Fault::Exchange(e)) => match after_failure(e, false) {
-                Failure::Retry(why) => {
-                    retry(net, &mut backoff, format_args!("cannot reach {ctl}"), &why);
-                    continue;
-                }
-                Failure::Fatal { code, message } => {
-                    kprintln!("{message}");
-                    return code;
-                }
-            },
-        };
+    /// The session config for new connections (renewal replaces it).
+    config: LinkConfig,
+    renewal: Renewal,
+    resources: NodeResources,
+    addr: String,
+    heartbeats: Option<u64>,
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The certificate was renewed: continue on a new connection with it
+    /// (the server would close this one when the old one expires).
+    Renewed,
+    /// It failed in a way time can mend: reconnect after the backoff.
+    Lost(String),
+    /// Stop with this code (already explained on the console).
+    Exit(ExitCode),
+}
+
+impl Member {
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            resources: self.resources.clone(),
+            cert_not_after: self.joined.cert_not_after,
+            addr: self.addr.clone(),
+        }
+    }
+
+    /// Syncs on one connection after another, reconnecting with backoff,
+    /// while the domains run.
+    fn run(mut self, net: &mut Net, mut runner: Runner, clock: &Clock) -> ExitCode {
+        let ctl = self.ctl;
+        let mut backoff = Backoff::new();
+        let mut acked = 0u64;
+        let mut reconnecting = false;
         loop {
-            let answer = conn.idle_until(net, next_ns).and_then(|()| {
-                conn.session.set_time(clock.unix());
-                conn.exchange(net, &hb, HEARTBEAT_TIMEOUT_MS, || {})
-            });
-            match after_heartbeat(answer) {
-                Verdict::Done(()) => {
-                    acked += 1;
+            let mut conn =
+                match Conn::open(net, ctl, &self.config, clock.unix(), &mut 0, &mut runner) {
+                    Ok(c) => c,
+                    Err(Fault::Exit(code)) => return code,
+                    Err(Fault::Connect(e) | Fault::Exchange(e)) => match after_failure(e, false) {
+                        Failure::Retry(why) => {
+                            retry(
+                                net,
+                                &mut backoff,
+                                format_args!("cannot reach {ctl}"),
+                                &why,
+                                &mut runner,
+                            );
+                            continue;
+                        }
+                        Failure::Fatal { code, message } => {
+                            kprintln!("{message}");
+                            return code;
+                        }
+                    },
+                };
+            let ended = self.serve(
+                net,
+                &mut conn,
+                &mut runner,
+                clock,
+                &mut acked,
+                &mut |backoff_failures| {
                     if reconnecting {
                         kprintln!(
-                            "link: reconnected to {ctl} ({} retries); heartbeats resume",
-                            backoff.failures()
+                            "link: reconnected to {ctl} ({backoff_failures} retries); heartbeats resume"
                         );
                         reconnecting = false;
                     }
-                    backoff.reset();
-                    if acked == 1 || acked.is_multiple_of(HEARTBEAT_LOG_EVERY) {
-                        kprintln!(
-                            "link: heartbeat {acked} acknowledged (cpus {}, memory {})",
-                            node.resources.cpus,
-                            Bytes(node.resources.memory_bytes)
-                        );
-                    }
-                    if cfg.heartbeats == Some(acked) {
-                        kprintln!(
-                            "link: {acked} heartbeats acknowledged (metta.heartbeats={acked}); done"
-                        );
-                        conn.close(net);
-                        return ExitCode::Success;
-                    }
-                    next_ns = (next_ns + HEARTBEAT_INTERVAL_MS * MS).max(timer::now_ns());
-                }
-                Verdict::Retry(why) => {
+                },
+                &mut backoff,
+            );
+            match ended {
+                Ended::Renewed => conn.close(net, &mut runner),
+                Ended::Lost(why) => {
                     conn.abort(net);
                     reconnecting = true;
                     retry(
@@ -626,14 +767,132 @@ fn heartbeat(
                         &mut backoff,
                         format_args!("lost the connection to {ctl}"),
                         &why,
+                        &mut runner,
                     );
-                    break;
                 }
-                Verdict::Fatal { code, message } => {
-                    kprintln!("{message}");
+                Ended::Exit(ExitCode::Success) => {
+                    conn.close(net, &mut runner);
+                    return ExitCode::Success;
+                }
+                Ended::Exit(code) => {
                     conn.abort(net);
                     return code;
                 }
+            }
+        }
+    }
+
+    /// Syncs on `conn` until it fails or the run is over.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &mut self,
+        net: &mut Net,
+        conn: &mut Conn,
+        runner: &mut Runner,
+        clock: &Clock,
+        acked: &mut u64,
+        on_ack: &mut dyn FnMut(u32),
+        backoff: &mut Backoff,
+    ) -> Ended {
+        loop {
+            conn.session.set_time(clock.unix());
+            if self.renewal.due(clock.unix()) {
+                match self.renew(net, conn, runner, clock) {
+                    Ok(true) => return Ended::Renewed,
+                    Ok(false) => {}
+                    Err(e) => return e,
+                }
+            }
+            let req = Request::Sync(runner.node.sync(self.heartbeat(), SYNC_HOLD_MS));
+            let answer = conn.exchange(net, &req, SYNC_TIMEOUT_MS, || {}, runner);
+            drop(req);
+            let work = match after_sync(answer) {
+                Verdict::Done(w) => w,
+                Verdict::Retry(why) => return Ended::Lost(why),
+                Verdict::Fatal { code, message } => {
+                    kprintln!("{message}");
+                    return Ended::Exit(code);
+                }
+            };
+            *acked += 1;
+            on_ack(backoff.failures());
+            backoff.reset();
+            let starts = !work.start.is_empty();
+            for note in runner.node.acked(work, timer::now_ns()) {
+                kprintln!("node: {note}");
+            }
+            if *acked == 1 || acked.is_multiple_of(HEARTBEAT_LOG_EVERY) {
+                kprintln!(
+                    "link: heartbeat {acked} acknowledged (cpus {}, memory {})",
+                    self.resources.cpus,
+                    Bytes(self.resources.memory_bytes)
+                );
+            }
+            if self.heartbeats == Some(*acked) {
+                kprintln!("link: {acked} heartbeats acknowledged (metta.heartbeats={acked}); done");
+                return Ended::Exit(ExitCode::Success);
+            }
+            if starts {
+                // Let the new domains finish their first activation, so the
+                // next sync reports them started rather than waiting a hold.
+                let end = timer::now_ns() + SETTLE_MS * MS;
+                while runner.node.starting() && timer::now_ns() < end {
+                    runner.wait();
+                }
+            }
+        }
+    }
+
+    /// Asks for a new certificate on `conn`; on success (`true`) new
+    /// connections use it. A refusal is retried later; a broken connection
+    /// ends it.
+    fn renew(
+        &mut self,
+        net: &mut Net,
+        conn: &mut Conn,
+        runner: &mut Runner,
+        clock: &Clock,
+    ) -> Result<bool, Ended> {
+        let req = match renew_request(&self.key) {
+            Ok(r) => r,
+            Err(e) => {
+                self.renewal.failed(clock.unix());
+                kprintln!(
+                    "link: certificate renewal failed: cannot make the request: {e}; retrying in {RENEW_RETRY_SECS} s"
+                );
+                return Ok(false);
+            }
+        };
+        let resp = match conn.exchange(net, &req, RENEW_TIMEOUT_MS, || {}, runner) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match after_failure(e, false) {
+                    Failure::Retry(why) => Ended::Lost(why),
+                    Failure::Fatal { code, message } => {
+                        kprintln!("{message}");
+                        Ended::Exit(code)
+                    }
+                })
+            }
+        };
+        let now = clock.unix();
+        match after_renew(resp, &self.joined, &self.key, now) {
+            Ok(j) => {
+                self.renewal = Renewal::new(now, j.cert_not_after);
+                self.config = member_config(&j, self.key.clone());
+                self.joined = j;
+                kprintln!(
+                    "link: certificate renewed until {}; reconnecting with it",
+                    DateTime::from_unix(self.joined.cert_not_after.min(i64::MAX as u64) as i64)
+                );
+                Ok(true)
+            }
+            Err(why) => {
+                self.renewal.failed(now);
+                kprintln!(
+                    "link: certificate renewal failed: {why}; retrying in {RENEW_RETRY_SECS} s"
+                );
+                Ok(false)
             }
         }
     }

@@ -130,6 +130,7 @@ mod gdt;
 mod heap;
 mod interrupts;
 mod link;
+mod memstat;
 mod mmu;
 mod native;
 mod net;
@@ -351,6 +352,7 @@ fn init_heap(info: &Info, info_addr: u64, cmdline: Option<&[u8]>) {
     // and page tables in .bss) and of the loader's data that the kernel still
     // reads; `init_heap` runs once, before anything allocates.
     let (heap_base, heap_len, tables) = unsafe { mmu::split(base, len) };
+    memstat::set_heap_tables(tables);
     kprintln!(
         "paging: {:#x}-{:#x} remapped with 4 KiB pages ({} page tables, {} KiB, from its start)",
         base,
@@ -420,6 +422,7 @@ fn run_link(
     };
     let mut id = Some(id);
     let mut code = ExitCode::Panic;
+    memstat::before_stack();
     stack::run(|| {
         if let Some(id) = id.take() {
             code = link::run(net, join, id, &node);

@@ -1,4 +1,7 @@
-//! Choosing the physical memory the kernel heap may use.
+//! Choosing the physical memory the kernel heap may use, and the kernel's
+//! memory footprint ([`Footprint`]).
+
+use core::fmt;
 
 use crate::multiboot::{MemoryMap, RegionKind};
 
@@ -41,6 +44,89 @@ pub fn heap_region(
 
 fn align_up(x: u64, align: u64) -> u64 {
     x.saturating_add(align - 1) & !(align - 1)
+}
+
+/// What the kernel itself occupies, from real figures (the binary's
+/// `memstat.rs` gathers them: linker symbols, the page-table count, the
+/// heap allocator's counters). Bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// The image in memory: code, data and `.bss` (`__image_start` to
+    /// `__bss_end`), which holds the boot page tables and stacks below.
+    pub image: u64,
+    /// Page tables in `.bss` (the entry stub's).
+    pub boot_tables: u64,
+    /// Stacks in `.bss` (boot and IST).
+    pub boot_stacks: u64,
+    /// Page tables taken from the front of the heap's range (its 4 KiB
+    /// mapping).
+    pub heap_tables: u64,
+    /// A stack allocated on the heap (counted in `heap_in_use`).
+    pub heap_stack: u64,
+    /// Heap bytes in use, as the allocator counts them (as requested).
+    pub heap_in_use: u64,
+    /// The most heap ever in use.
+    pub heap_peak: u64,
+    /// The most heap in use before `heap_stack` was allocated.
+    pub heap_peak_before_stack: u64,
+}
+
+impl Footprint {
+    /// Code and data: the image without its page tables and stacks.
+    pub fn code_and_data(&self) -> u64 {
+        self.image
+            .saturating_sub(self.boot_tables)
+            .saturating_sub(self.boot_stacks)
+    }
+
+    /// All page tables.
+    pub fn page_tables(&self) -> u64 {
+        self.boot_tables + self.heap_tables
+    }
+
+    /// All stacks.
+    pub fn stacks(&self) -> u64 {
+        self.boot_stacks + self.heap_stack
+    }
+
+    /// The heap in use besides the stack on it.
+    pub fn heap(&self) -> u64 {
+        self.heap_in_use.saturating_sub(self.heap_stack)
+    }
+
+    /// The peak of [`heap`](Self::heap): before the stack, or after it
+    /// less the stack (exact either way, since the stack stays allocated).
+    pub fn heap_peak(&self) -> u64 {
+        self.heap_peak_before_stack
+            .max(self.heap_peak.saturating_sub(self.heap_stack))
+    }
+
+    /// Everything, counted once.
+    pub fn total(&self) -> u64 {
+        self.code_and_data() + self.page_tables() + self.stacks() + self.heap()
+    }
+}
+
+/// Bytes as KiB, rounded up.
+fn kib(b: u64) -> u64 {
+    b.div_ceil(1024)
+}
+
+impl fmt::Display for Footprint {
+    /// `image <KiB>, page tables <KiB>, stacks <KiB>, heap in use <KiB>
+    /// (peak <KiB>), total <KiB>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "image {} KiB, page tables {} KiB, stacks {} KiB, heap in use {} KiB (peak {} KiB), total {} KiB",
+            kib(self.code_and_data()),
+            kib(self.page_tables()),
+            kib(self.stacks()),
+            kib(self.heap()),
+            kib(self.heap_peak()),
+            kib(self.total())
+        )
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +191,30 @@ mod tests {
             heap_region(MemoryMap::new(&bytes), &[(0, 4 * MIB)], MIB, 1 << 30, 4096),
             None
         );
+    }
+
+    #[test]
+    fn footprint_counts_everything_once() {
+        let f = Footprint {
+            image: 2_000 * 1024,
+            boot_tables: 24 * 1024,
+            boot_stacks: 112 * 1024,
+            heap_tables: 64 * 1024,
+            heap_stack: 1024 * 1024,
+            heap_in_use: 3_000 * 1024 + 1,
+            heap_peak: 5_000 * 1024,
+            heap_peak_before_stack: 500 * 1024,
+        };
+        assert_eq!(
+            f.to_string(),
+            "image 1864 KiB, page tables 88 KiB, stacks 1136 KiB, heap in use 1977 KiB (peak 3976 KiB), total 5065 KiB"
+        );
+        // A peak before the stack was allocated is kept as it was.
+        let f = Footprint {
+            heap_peak: 3_000 * 1024,
+            heap_peak_before_stack: 2_500 * 1024,
+            ..f
+        };
+        assert_eq!(f.heap_peak(), 2_500 * 1024);
     }
 }

@@ -16,12 +16,24 @@
 //!   within one tick; between turns the domains' log lines go to the serial
 //!   console, prefixed with the domain's name.
 //! - **Routing** between local domains is the core's (longest-prefix channel
-//!   capability, reply tokens): there is no network join yet, so a message
-//!   no local domain serves is dropped and noted in the sender's log.
+//!   capability, reply tokens). In the self-tests a message no local domain
+//!   serves is dropped and noted in the sender's log; on a node joined to a
+//!   cluster it goes to the control plane instead.
+//! - **Serving a cluster** ([`Runner`]): the domains the control plane
+//!   places on the node ([`metta_kernel::node::Node`], which owns the
+//!   driver) run while the link (`src/link.rs`) waits for the network: each
+//!   of its waits is one [`Runner::wait`], which runs activations for about
+//!   [`SERVICE_NS`] (the link is serviced at least that often) or, when the
+//!   domains are idle, halts until the next timer tick. The EDF schedule is
+//!   the nucleus's; the kernel's own work (TLS, TCP, applying what the
+//!   control plane sends) runs between activations, in the share the
+//!   driver's capacity leaves free ([`SERVED`]: 95 %, the scheduler's lane
+//!   capacity).
 
 use alloc::string::{String, ToString};
 
-use metta_kernel::driver::{Driver, Poll};
+use metta_kernel::driver::{Config, Driver, Poll};
+use metta_kernel::node::Node;
 use metta_kernel::stats::{self, RATE_SCALE_NS};
 use metta_kernel::testdomains;
 use metta_nucleus::{Caps, Domain, DomainId, FuelRate, Image, Runtime};
@@ -121,6 +133,89 @@ pub fn run_until(d: &mut Driver, end_ns: u64) -> LoopStats {
                     s.idle_ns += timer::now_ns() - now;
                 }
             }
+        }
+    }
+}
+
+/// The driver settings for domains the control plane places: admission up
+/// to 95 % of the CPU (`metta-scheduler`'s `LANE_CAPACITY_PPM`, so whatever
+/// the control plane admits the kernel admits), the fuel rate tracked,
+/// messages without a local receiver sent to the control plane.
+pub const SERVED: Config = Config {
+    capacity_ppm: 950_000,
+    quantum_ns: None,
+    recalibrate: true,
+    outbound: true,
+};
+
+/// The link services the network at least this often while domains run.
+pub const SERVICE_NS: u64 = 1_000_000;
+
+/// The placed domains, run while the link waits (see the module docs).
+#[derive(Debug)]
+pub struct Runner {
+    /// The domains and what goes to and from the control plane.
+    pub node: Node,
+    /// What the activation loop did.
+    pub stats: LoopStats,
+}
+
+impl Runner {
+    /// Runs `node`'s domains.
+    pub fn new(node: Node) -> Runner {
+        Runner {
+            node,
+            stats: LoopStats::default(),
+        }
+    }
+
+    /// Runs activations for about [`SERVICE_NS`], or until the domains are
+    /// idle and then until the next timer tick (or their wake-up, which the
+    /// tick honours), printing their lines.
+    pub fn wait(&mut self) {
+        let start = timer::now_ns();
+        loop {
+            let p = self.node.step(&mut timer::now_ns);
+            self.print_lines();
+            let now = timer::now_ns();
+            match p {
+                Poll::Ran { .. } => {
+                    self.stats.activations += 1;
+                    if now - start >= SERVICE_NS {
+                        return;
+                    }
+                }
+                Poll::Idle { until } => {
+                    let wake = until.unwrap_or(u64::MAX);
+                    if wake <= now {
+                        if now - start >= SERVICE_NS {
+                            return;
+                        }
+                        continue;
+                    }
+                    let tick = timer::ticks();
+                    self.stats.idles += 1;
+                    timer::idle_until(|| {
+                        timer::ticks() != tick
+                            || timer::now_ns() >= wake
+                            || timer::now_ns() >= now + SERVICE_NS
+                    });
+                    self.stats.idle_ns += timer::now_ns() - now;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Prints the domains' lines (the node keeps them for the control
+    /// plane too).
+    fn print_lines(&mut self) {
+        let (lines, dropped) = self.node.lines();
+        for l in lines {
+            kprintln!("{}: {}", l.domain, l.text);
+        }
+        if dropped > 0 {
+            kprintln!("driver: {dropped} log lines dropped (console too slow)");
         }
     }
 }

@@ -131,6 +131,15 @@ impl Node {
         &mut self.driver
     }
 
+    /// Whether a domain has been spawned and has not finished its first
+    /// activation (nor trapped) yet.
+    pub fn starting(&self) -> bool {
+        self.placed.values().any(|p| match p.state {
+            Run::Spawned(id) => self.spawned_state(id) == NativeState::Starting,
+            Run::StartFailed(_) => false,
+        })
+    }
+
     /// Whether a sync's contents wait for an acknowledgement.
     pub fn unacked(&self) -> bool {
         self.unacked.is_some()
@@ -232,7 +241,7 @@ impl Node {
         let mut out = Vec::new();
         for name in stop {
             if let Some(p) = self.remove(&name) {
-                out.push(format!("domain {name}: stopped (epoch {})", p.epoch));
+                out.push(format!("domain {name} stopped (epoch {})", p.epoch));
             }
         }
         for s in start {
@@ -243,7 +252,7 @@ impl Node {
         }
         for (token, bytes) in answers {
             if let Err(e) = self.driver.answer(token, bytes, now) {
-                out.push(format!("domain answer for token {token} dropped: {e}"));
+                out.push(format!("answer for token {token} dropped: {e}"));
             }
         }
         self.stats_wanted = stats;
@@ -284,13 +293,15 @@ impl Node {
         };
         let line = match &state {
             Run::Spawned(_) => format!(
-                "domain {name}: started (epoch {epoch}, {}/{} us{}, memory {} KiB, caps {caps})",
+                "domain {name} started (epoch {epoch}, {}/{} us{}, memory {} KiB, caps {caps})",
                 contract.slice_ns / 1_000,
                 contract.period_ns / 1_000,
                 if contract.extra { " + extra" } else { "" },
                 contract.memory / 1024,
             ),
-            Run::StartFailed(why) => format!("domain {name}: start failed (epoch {epoch}): {why}"),
+            Run::StartFailed(why) => {
+                format!("domain {name} failed to start (epoch {epoch}): {why}")
+            }
         };
         self.placed.insert(name, Placed { epoch, state });
         line
@@ -512,11 +523,11 @@ mod tests {
         );
         assert_eq!(
             notes[0],
-            "domain c1: started (epoch 3, 1000/10000 us, memory 1024 KiB, caps log,channel:/svc/counter)"
+            "domain c1 started (epoch 3, 1000/10000 us, memory 1024 KiB, caps log,channel:/svc/counter)"
         );
         assert!(
             notes[1].starts_with(
-                "domain bad: start failed (epoch 1): the module is not a valid domain image: "
+                "domain bad failed to start (epoch 1): the module is not a valid domain image: "
             ),
             "{notes:?}"
         );
@@ -532,8 +543,10 @@ mod tests {
                 state: NativeState::Starting
             }
         );
+        assert!(n.starting());
         n.acked(NodeWork::default(), clock);
         let lines = run(&mut n, &mut clock, 20_000_000);
+        assert!(!n.starting());
         assert!(lines.contains(&DomainLine {
             domain: "c1".into(),
             text: "counter: up".into()
@@ -623,8 +636,8 @@ mod tests {
         assert_eq!(
             notes[..2],
             [
-                "domain c1: stopped (epoch 3)",
-                "domain bad: stopped (epoch 1)"
+                "domain c1 stopped (epoch 3)",
+                "domain bad stopped (epoch 1)"
             ]
         );
         let s = n.sync(hb(), 500);
@@ -689,7 +702,7 @@ mod tests {
         );
         assert_eq!(
             notes,
-            ["domain answer for token 999 dropped: no outbound message has reply token 999"]
+            ["answer for token 999 dropped: no outbound message has reply token 999"]
         );
         let until = clock + 20_000_000;
         run(&mut n, &mut clock, until);
