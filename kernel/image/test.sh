@@ -7,7 +7,8 @@
 #                                   empty activation round trip on native
 #                                   (test=bench, 3 boots), and boot -> joined
 #                                   a real mettad (5 boots: the kernel's own
-#                                   figure, how it splits, and wall clock)
+#                                   figure, how it splits, and wall clock; and
+#                                   the kernel's idle memory after the join)
 #
 # Builds the kernel (release), runs the lib's host unit tests, then boots the
 # image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
@@ -65,14 +66,16 @@
 #               guest reaches the host's loopback at 10.0.2.2 through QEMU user
 #               networking; -cpu max for RDRAND)
 #               joins with a fresh worker token: "joined cluster lab as node/<id>
-#               in <ms> ms (certificate until <date>)", and `mettactl nodes -o
-#               json` lists it as kind native, status up (heartbeats arriving),
-#               1 CPU and the usable memory the kernel printed; the secret is
-#               never on serial
+#               in <ms> ms (certificate until <date>)", then calibrates the fuel
+#               rate ("node: fuel rate ...") and prints its idle memory
+#               ("memory: ..., total <KiB>", at most 16 MiB); `mettactl nodes -o
+#               json` lists it as kind native, status up (its syncs, which are
+#               its heartbeats, arriving), 1 CPU and the usable memory the
+#               kernel printed; the secret is never on serial
 #   restart     mettad killed: the kernel says it lost the connection and
 #               retries with backoff; mettad restarted: "reconnected", and the
 #               node is up again
-#   heartbeats  metta.heartbeats=2: two heartbeats acknowledged, then 33
+#   heartbeats  metta.heartbeats=2: two syncs (heartbeats) acknowledged, then 33
 #   wrong-pin   the token's pin edited: "join refused: the server is not the
 #               cluster pinned by the token"; 43
 #   used-token  the used token again, and an unknown one: "join refused: the
@@ -534,13 +537,14 @@ if [ "$cluster_up" = 1 ]; then
     join_line='\] joined cluster lab as node/[0-9]+ in [0-9]+ ms \(certificate until [0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z\)'
     join_args() { echo "net=dhcp metta.ctl=10.0.2.2:$port metta.token=$1 metta.name=$2 ${3:-}"; }
 
-    echo "== join (a real mettad over TLS/TCP, then heartbeats)"
+    echo "== join (a real mettad over TLS/TCP, then syncs)"
     token=$(new_token)
     secret=$(cut -d. -f3 <<<"$token")
     log="$tmp/join.log"
     qemu_bg "$log" "$(join_args "$token" kernel-a)"
     wait_log "$log" "$join_line" 60
-    tr -d '\r' <"$log" | grep -E '\] (link|joined|net: dhcp)' | sed 's/^/    | /'
+    wait_log "$log" '\] link: heartbeat 1 acknowledged' 30
+    tr -d '\r' <"$log" | grep -E '\] (link|joined|net: dhcp|node|memory)' | sed 's/^/    | /'
     check "join: 'joined cluster lab as node/<id> in <ms> ms (certificate until <date>)'" \
         bash -c 'tr -d "\r" <"$1" | grep -qE "$2"' _ "$log" "$join_line"
     usable=$(tr -d '\r' <"$log" | sed -nE 's/.*usable memory: ([0-9]+) bytes.*/\1/p')
@@ -554,6 +558,11 @@ n = json.loads(sys.argv[1] or "{}")
 sys.exit(not (n.get("kind") == "native" and n.get("status") == "up" and n.get("cpus") == 1
               and n.get("memory_bytes") == int(sys.argv[2] or -1) and n.get("raft") == "-"))' \
         "$node" "$usable"
+    check "join: fuel rate calibrated after the join" \
+        bash -c 'tr -d "\r" <"$1" | grep -qE "\] node: fuel rate [0-9]+ fuel/ms by the TSC: median of 5 runs"' _ "$log"
+    idle_kib=$(tr -d '\r' <"$log" | sed -nE 's/.*\] memory: image [0-9]+ KiB, page tables [0-9]+ KiB, stacks [0-9]+ KiB, heap in use [0-9]+ KiB \(peak [0-9]+ KiB\), total ([0-9]+) KiB$/\1/p')
+    check "join: idle memory printed, total ${idle_kib:-?} KiB <= 16 MiB" \
+        bash -c '[ -n "$1" ] && [ "$1" -le 16384 ]' _ "$idle_kib"
     check "join: heartbeats acknowledged" \
         bash -c 'tr -d "\r" <"$1" | grep -qE "\] link: heartbeat 1 acknowledged \(cpus 1, memory [0-9.]+ MiB\)"' _ "$log"
 
@@ -677,6 +686,7 @@ if [ "$measure" = 1 ]; then
             echo "    joined at ${ms:-?} ms (kernel clock); qemu start to exit ${secs}s (exit $rc);" \
                 "wall clock to joined ~$((wall_ms - 10#${last:-0} + ${ms:-0})) ms"
             printf '%s\n' "$out" | grep -E '\] link: join timing' | sed 's/^.*link: /      /'
+            printf '%s\n' "$out" | grep -E '\] memory: ' | sed 's/^.*\] /      /'
         done
         echo "median boot -> joined: $(printf '%s\n' "${joins[@]}" | sort -n | sed -n 3p) ms from kernel entry" \
             "(target <= 300 ms); ~$(printf '%s\n' "${walls[@]}" | sort -n | sed -n 3p) ms from QEMU start"

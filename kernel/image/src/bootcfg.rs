@@ -15,10 +15,10 @@
 //! | `metta.test=<label>` | a free-form label for test harnesses; ignored              |
 //! | `panic-test`       | panic after boot, to exercise the panic path                 |
 //! | `test=<self-test>` | run a self-test after boot instead of the network ([`SelfTest`]): `timer`, `pagefault`, `ud`, `doublefault`, `domains`, `dirty`, `snapshot`, `bench` |
-//! | `metta.ctl=<ip>:<port>` | join the cluster whose control plane listens (TLS over TCP) at this IPv4 address and port, then heartbeat; needs `net=dhcp` and `metta.token` |
+//! | `metta.ctl=<ip>:<port>` | join the cluster whose control plane listens (TLS over TCP) at this IPv4 address and port, then sync with it (heartbeats) and run the domains it places here; needs `net=dhcp` and `metta.token` |
 //! | `metta.token=<token>` | the join token, `metta1.<id>.<secret>.<pin>` as `mettactl token create` prints it (parsed as strictly as `mettactl join` does); needs `metta.ctl` |
 //! | `metta.name=<name>` | the node's name (1-63 of `a-z`, `0-9`, `-`, not starting with `-`); default `native-<mac>` |
-//! | `metta.heartbeats=<n>` | send `n` heartbeats (1-1000000), then exit with the success code (for tests and benchmarks); default: heartbeat until stopped |
+//! | `metta.heartbeats=<n>` | exit with the success code after `n` acknowledged syncs (heartbeats; 1-1000000), for tests and benchmarks; default: until stopped |
 //!
 //! Anything else is an error: an unknown key or flag, a key without `=value` or
 //! with an empty value, a flag with a value, an unknown value, a key given
@@ -288,7 +288,7 @@ pub struct JoinConfig<'a> {
     pub token: TokenText<'a>,
     /// The node name, if given (else derived from the MAC: [`default_node_name`]).
     pub name: Option<&'a str>,
-    /// Heartbeats to send before exiting; `None`: until stopped.
+    /// Acknowledged syncs (heartbeats) before exiting; `None`: until stopped.
     pub heartbeats: Option<u64>,
 }
 

@@ -11,8 +11,11 @@
 //! ([`driver`]: routing, per-period accounting, fuel-rate tracking; with
 //! [`stats`] for medians, percentiles and calibration arithmetic), the
 //! test domains embedded in the image ([`testdomains`]), and the policy of
-//! the link to the control plane ([`linkpolicy`]: backoff, and which
-//! failures are retried and which end the boot with which exit code).
+//! the link to the control plane ([`linkpolicy`]: backoff, which
+//! failures are retried and which end the boot with which exit code, when
+//! to renew the certificate), the domains the control plane places on the
+//! node and what goes to and from it in each sync ([`node`]), and the
+//! kernel's memory footprint ([`memory::Footprint`]).
 //!
 //! Everything here works on byte slices and plain integers, so it builds for the
 //! kernel (`x86_64-unknown-none`, `no_std`) and for the host, where the unit tests

@@ -1,7 +1,6 @@
 //! The policy of the native node's link to the control plane, without I/O:
 //! how long to wait before trying again ([`Backoff`]), what an attempt's
-//! outcome means ([`after_join`], [`after_heartbeat`], [`after_sync`],
-//! [`after_renew`]): go on, retry after a backoff (and why, for the log), or
+//! outcome means ([`after_join`], [`after_sync`], [`after_renew`]): go on, retry after a backoff (and why, for the log), or
 //! stop with a distinct exit code and a line that says what happened; and
 //! when to renew the node's certificate ([`Renewal`]).
 //!
@@ -19,7 +18,8 @@
 //!   otherwise ([`ExitCode::LinkRefused`]). Retrying those would only hide
 //!   them.
 //! - A **sync** (`Request::Sync`, the member phase's request, which is also
-//!   its heartbeat) is judged like a heartbeat was; its answer must be work.
+//!   its heartbeat): its answer must be work; `unavailable` is retried, any
+//!   other refusal is final ([`ExitCode::LinkRefused`]).
 //! - A failed **renewal** is never fatal: the certificate in use is still
 //!   valid, so it is tried again after [`RENEW_RETRY_SECS`].
 
@@ -28,8 +28,7 @@ use alloc::string::String;
 use core::fmt;
 
 use metta_link::{
-    interpret_ack, interpret_join, interpret_renew, AckError, JoinError, JoinToken, Joined,
-    LinkError, NodeKey,
+    interpret_join, interpret_renew, JoinError, JoinToken, Joined, LinkError, NodeKey,
 };
 use metta_proto::{ApiError, NodeWork, Reply, Response};
 
@@ -269,23 +268,8 @@ pub fn after_join(
     }
 }
 
-/// What the answer to a heartbeat means.
-pub fn after_heartbeat(answer: Result<Response, AttemptError>) -> Verdict<()> {
-    let resp = match answer {
-        Ok(r) => r,
-        Err(e) => return after_failure(e, false).into(),
-    };
-    match interpret_ack(resp) {
-        Ok(()) => Verdict::Done(()),
-        Err(AckError::Refused(ApiError::Unavailable(why))) => {
-            Verdict::Retry(format!("the cluster is unavailable: {why}"))
-        }
-        Err(e) => fatal(ExitCode::LinkRefused, format!("link: {e}")),
-    }
-}
-
 /// What the answer to a sync means: the work in it, or what a failure
-/// means (as for a heartbeat).
+/// means.
 pub fn after_sync(answer: Result<Response, AttemptError>) -> Verdict<NodeWork> {
     let resp = match answer {
         Ok(r) => r,
@@ -530,13 +514,28 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
+        match after_sync(Err(LinkError::ServerAlert(
+            rustls::AlertDescription::CertificateRevoked,
+        )
+        .into()))
+        {
+            Verdict::Fatal { code, message } => {
+                assert_eq!(code, ExitCode::LinkRefused);
+                assert!(
+                    message.contains("refused this node's certificate"),
+                    "{message}"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
         assert_eq!(
-            code(after_sync(Err(LinkError::ServerAlert(
-                rustls::AlertDescription::CertificateRevoked
-            )
-            .into()))),
+            code(after_sync(Ok(Err(ApiError::Unauthenticated)))),
             Some(ExitCode::LinkRefused)
         );
+        assert!(matches!(
+            after_sync(Err(IoError::Reset.into())),
+            Verdict::Retry(m) if m == "connection reset"
+        ));
     }
 
     #[test]
@@ -583,36 +582,5 @@ mod tests {
             not_after: 0
         }))
         .starts_with("the new certificate is unusable: "));
-    }
-
-    #[test]
-    fn heartbeat_verdicts() {
-        assert_eq!(after_heartbeat(Ok(Ok(Reply::Done))), Verdict::Done(()));
-        assert!(matches!(
-            after_heartbeat(Err(AttemptError::Io(IoError::Reset))),
-            Verdict::Retry(m) if m == "connection reset"
-        ));
-        assert!(matches!(
-            after_heartbeat(Ok(Err(ApiError::Unavailable("election".into())))),
-            Verdict::Retry(_)
-        ));
-        match after_heartbeat(Err(LinkError::ServerAlert(
-            rustls::AlertDescription::CertificateRevoked,
-        )
-        .into()))
-        {
-            Verdict::Fatal { code, message } => {
-                assert_eq!(code, ExitCode::LinkRefused);
-                assert!(
-                    message.contains("refused this node's certificate"),
-                    "{message}"
-                );
-            }
-            v => panic!("{v:?}"),
-        }
-        assert_eq!(
-            code(after_heartbeat(Ok(Err(ApiError::Unauthenticated)))),
-            Some(ExitCode::LinkRefused)
-        );
     }
 }

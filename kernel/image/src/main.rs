@@ -2,7 +2,8 @@
 //! tick, the wall clock, hardware entropy, a heap on 4 KiB pages, the nucleus
 //! (the same wasm domains, EDF scheduler and snapshots as `mettad`) with
 //! dirty-page tracking, PCI, a virtio-net NIC configured by DHCP, and the
-//! join to a Metta cluster over TLS 1.3 on TCP, then heartbeats.
+//! join to a Metta cluster over TLS 1.3 on TCP, then running the domains the
+//! control plane places on the node.
 //!
 //! # Boot path
 //!
@@ -57,17 +58,22 @@
 //!    network-failure code. With `net=off` (the default) the network is left
 //!    alone. Otherwise it exits QEMU through `isa-debug-exit` with the success
 //!    code.
-//! 7. With `metta.ctl` it joins the cluster and heartbeats ([`link`], on a
+//! 7. With `metta.ctl` it joins the cluster and serves it ([`link`], on a
 //!    stack of its own): TCP to the control plane, a TLS 1.3 session pinned
 //!    to the token's CA (`metta-link`: rustls unbuffered, RustCrypto),
 //!    certificates checked against the RTC; `joined cluster <c> as
-//!    node/<id> in <ms> ms (certificate until <date>)`; then a heartbeat a
-//!    second (1 CPU, the usable memory of the memory map) on a member session
-//!    with the issued certificate, until stopped (or `metta.heartbeats`
-//!    acknowledged, then the success code). An unreachable or restarting
-//!    control plane is retried with backoff and the reason on serial; the
-//!    wrong cluster, a rejected token or a refused node end the boot with
-//!    their own exit codes.
+//!    node/<id> in <ms> ms (certificate until <date>)`; it calibrates the
+//!    fuel rate, prints its idle memory (`memory: ...`), then syncs on a
+//!    member session with the issued certificate: each `Request::Sync` is
+//!    its heartbeat (1 CPU, the usable memory of the memory map) and reports
+//!    its domains, and the answer brings the domains to start and stop and
+//!    messages for them; the domains run while the link waits. Until
+//!    stopped (or `metta.heartbeats` syncs acknowledged, then the success
+//!    code). The certificate is renewed at two thirds of its lifetime. An
+//!    unreachable or restarting control plane is retried with backoff and
+//!    the reason on serial (the domains keep running); the wrong cluster, a
+//!    rejected token or a refused node end the boot with their own exit
+//!    codes.
 //!
 //! # Domains
 //!
@@ -76,9 +82,12 @@
 //! [`metta_kernel::driver`]): fuel calibrated against the TSC, the activation
 //! loop on [`timer::now_ns`] halting until the nucleus's next wake-up, routing
 //! between local domains, logs on serial prefixed with the domain's name.
-//! Until the network join exists, domains come from the test domains built
-//! into the image (`domains/*.wat`, [`metta_kernel::testdomains`]) and run in
-//! the self-tests `test=domains|dirty|snapshot|bench` ([`domaintest`]), on a
+//! Joined to a cluster, it runs the domains the control plane places on the
+//! node ([`metta_kernel::node`], [`native::Runner`]): messages no local
+//! domain serves go to the control plane, which routes them. Without a
+//! cluster, the test domains built into the image (`domains/*.wat`,
+//! [`metta_kernel::testdomains`]) run in the self-tests
+//! `test=domains|dirty|snapshot|bench` ([`domaintest`]); either way on a
 //! 1 MiB stack of their own with a guard page ([`stack`]).
 //!
 //! Exit codes (QEMU exits with `(value << 1) | 1`): success 33, panic or CPU
@@ -399,7 +408,7 @@ fn scan_pci() -> Option<DeviceFunction> {
     nic
 }
 
-/// `metta.ctl`: join the cluster and heartbeat ([`link`]), on a stack of its
+/// `metta.ctl`: join the cluster and serve it ([`link`]), on a stack of its
 /// own (TLS and the crypto want more than the boot stack).
 fn run_link(
     net: &mut net::Net,

@@ -206,8 +206,9 @@ pub struct Lease {
     pub router: Option<Ipv4Address>,
 }
 
-/// TCP buffer sizes of a link socket: a join answer is a few KiB, a
-/// heartbeat less.
+/// TCP buffer sizes of a link socket: a join answer is a few KiB, a sync
+/// usually less; work that carries modules streams through (the link reads
+/// the socket at least every millisecond).
 const TCP_BUFFER: usize = 32 * 1024;
 
 /// The configured network: the NIC, the interface with its lease, and the
