@@ -8,7 +8,8 @@
 #                                   (test=bench, 3 boots), and boot -> joined
 #                                   a real mettad (5 boots: the kernel's own
 #                                   figure, how it splits, and wall clock; and
-#                                   the kernel's idle memory after the join)
+#                                   the kernel's idle memory after the first
+#                                   sync)
 #
 # Builds the kernel (release), runs the lib's host unit tests, then boots the
 # image in QEMU under TCG (never KVM: see docs) with isa-debug-exit:
@@ -67,8 +68,9 @@
 #               networking; -cpu max for RDRAND)
 #               joins with a fresh worker token: "joined cluster lab as node/<id>
 #               in <ms> ms (certificate until <date>)", then calibrates the fuel
-#               rate ("node: fuel rate ...") and prints its idle memory
-#               ("memory: ..., total <KiB>", at most 16 MiB); `mettactl nodes -o
+#               rate ("node: fuel rate ...") and, after its first sync, prints
+#               its idle memory ("memory: ..., total <KiB>", at most 16 MiB:
+#               joined and connected, no domains); `mettactl nodes -o
 #               json` lists it as kind native, status up (its syncs, which are
 #               its heartbeats, arriving), 1 CPU and the usable memory the
 #               kernel printed; the secret is never on serial
@@ -543,7 +545,8 @@ if [ "$cluster_up" = 1 ]; then
     log="$tmp/join.log"
     qemu_bg "$log" "$(join_args "$token" kernel-a)"
     wait_log "$log" "$join_line" 60
-    wait_log "$log" '\] link: heartbeat 1 acknowledged' 30
+    # The idle memory line follows the first acknowledged sync.
+    wait_log "$log" '\] memory: .*, total [0-9]+ KiB$' 30
     tr -d '\r' <"$log" | grep -E '\] (link|joined|net: dhcp|node|memory)' | sed 's/^/    | /'
     check "join: 'joined cluster lab as node/<id> in <ms> ms (certificate until <date>)'" \
         bash -c 'tr -d "\r" <"$1" | grep -qE "$2"' _ "$log" "$join_line"

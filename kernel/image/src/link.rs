@@ -44,8 +44,9 @@
 //!    split (DHCP, key and CSR, TCP connect, TLS handshake, request to
 //!    answer).
 //! 2. **Ready to serve**: calibrates the fuel rate on the TSC (after the
-//!    join, which is a benchmark of its own) and prints it, then the
-//!    kernel's idle memory (`memory: image ..., total <KiB>`).
+//!    join, which is a benchmark of its own) and prints it; after the first
+//!    sync, the idle kernel's memory (`memory: image ..., total <KiB>`:
+//!    joined, connected, no domains yet).
 //! 3. **Syncs**: a member session with the issued certificate carries one
 //!    `Request::Sync` after another: the heartbeat (hardware, certificate
 //!    expiry), every placed domain's state, its domains' outbound
@@ -652,9 +653,8 @@ fn member_config(joined: &Joined, key: NodeKey) -> LinkConfig {
     c
 }
 
-/// After the join: calibrates the fuel rate, prints it and the kernel's
-/// memory, and makes the domains' runner. `None` (said why) if the
-/// nucleus cannot run.
+/// After the join: calibrates the fuel rate, prints it, and makes the
+/// domains' runner. `None` (said why) if the nucleus cannot run.
 fn ready(node_id: metta_proto::NodeId) -> Option<Runner> {
     let t = timer::now_ns();
     let cal = match native::calibrate() {
@@ -674,9 +674,10 @@ fn ready(node_id: metta_proto::NodeId) -> Option<Runner> {
         (timer::now_ns() - t) / MS,
         native::SERVED.capacity_ppm / 10_000
     );
-    let runner = Runner::new(Node::new(Driver::new(native::SERVED, cal.rate), node_id));
-    kprintln!("memory: {}", memstat::footprint());
-    Some(runner)
+    Some(Runner::new(Node::new(
+        Driver::new(native::SERVED, cal.rate),
+        node_id,
+    )))
 }
 
 /// The member phase (see the module docs).
@@ -827,6 +828,11 @@ impl Member {
                     self.resources.cpus,
                     Bytes(self.resources.memory_bytes)
                 );
+            }
+            if *acked == 1 {
+                // Joined, calibrated, connected, no domains yet: the idle
+                // kernel.
+                kprintln!("memory: {}", memstat::footprint());
             }
             if self.heartbeats == Some(*acked) {
                 kprintln!("link: {acked} heartbeats acknowledged (metta.heartbeats={acked}); done");

@@ -63,11 +63,12 @@
 //!    to the token's CA (`metta-link`: rustls unbuffered, RustCrypto),
 //!    certificates checked against the RTC; `joined cluster <c> as
 //!    node/<id> in <ms> ms (certificate until <date>)`; it calibrates the
-//!    fuel rate, prints its idle memory (`memory: ...`), then syncs on a
+//!    fuel rate, then syncs on a
 //!    member session with the issued certificate: each `Request::Sync` is
 //!    its heartbeat (1 CPU, the usable memory of the memory map) and reports
 //!    its domains, and the answer brings the domains to start and stop and
-//!    messages for them; the domains run while the link waits. Until
+//!    messages for them; the domains run while the link waits. After the
+//!    first sync it prints its idle memory (`memory: ...`). Until
 //!    stopped (or `metta.heartbeats` syncs acknowledged, then the success
 //!    code). The certificate is renewed at two thirds of its lifetime. An
 //!    unreachable or restarting control plane is retried with backoff and
