@@ -28,14 +28,48 @@ fn cargo() -> OsString {
     std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
-/// Runs `cargo build ARGS` in `dir`; the executables it produced (or found
-/// fresh), as (target name, path).
+/// The variables cargo sets for the test process that describe *this*
+/// package (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...).
+fn is_package_env(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
+}
+
+/// `cargo` without the test process's package variables: cargo compares
+/// build scripts' `rerun-if-env-changed` variables (ring's include
+/// `CARGO_PKG_NAME` and `CARGO_MANIFEST_DIR`) with its own environment, so
+/// with them a nested build would rerun ring's build script and rebuild
+/// everything above it, and the next ordinary build would rebuild it all
+/// back.
+fn cargo_command() -> Command {
+    let mut c = Command::new(cargo());
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(is_package_env) {
+            c.env_remove(key);
+        }
+    }
+    c
+}
+
+/// Runs `cargo ARGS` in `dir`; the executables of bin targets it produced
+/// (or found fresh), as (target name, path).
 fn cargo_build(what: &str, dir: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
-    let shown = format!("(cd {} && cargo build {})", dir.display(), args.join(" "));
+    let shown = format!("(cd {} && cargo {})", dir.display(), args.join(" "));
     let start = Instant::now();
-    let out = Command::new(cargo())
+    let out = cargo_command()
         .current_dir(dir)
-        .arg("build")
         .args(args)
         .arg("--message-format=json-render-diagnostics")
         .stdin(Stdio::null())
@@ -54,7 +88,12 @@ fn cargo_build(what: &str, dir: &Path, args: &[&str]) -> Result<Vec<(String, Pat
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             continue;
         };
-        if msg["reason"] != "compiler-artifact" {
+        // Executables of `bin` targets, not test harnesses (`cargo test`
+        // also builds each bin's unit tests, under the same target name).
+        let is_bin = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bin"));
+        if msg["reason"] != "compiler-artifact" || !is_bin || msg["profile"]["test"] != false {
             continue;
         }
         if let (Some(name), Some(exe)) =
@@ -85,7 +124,12 @@ pub fn kernel_image() -> &'static Path {
         let exes = cargo_build(
             "the kernel image",
             &dir,
-            &["--release", "--manifest-path", manifest.to_str().unwrap()],
+            &[
+                "build",
+                "--release",
+                "--manifest-path",
+                manifest.to_str().unwrap(),
+            ],
         )?;
         find(&exes, "metta-kernel", "the kernel image")
     });
@@ -118,13 +162,17 @@ pub struct ControlBins {
     pub mettactl: PathBuf,
 }
 
-/// `mettad` and `mettactl`, built from this workspace (`cargo build -p
-/// metta-control --bins`) in the profile of the running test binary (a
-/// no-op when `cargo test --workspace` has just built them).
+/// `mettad` and `mettactl`, built the way the project's test command
+/// builds them for the control plane's own tests: `cargo test --workspace
+/// --no-run`, in the profile of the running test binary. Inside `cargo test
+/// --workspace` that is a no-op; a narrower build (`cargo build -p
+/// metta-control --bins`) resolves features differently (no
+/// dev-dependencies) and would compile the TLS stack and the control plane a
+/// second time.
 pub fn control_bins() -> &'static ControlBins {
     static BINS: OnceLock<Result<ControlBins, String>> = OnceLock::new();
     let bins = BINS.get_or_init(|| {
-        let mut args = vec!["-p".to_string(), "metta-control".into(), "--bins".into()];
+        let mut args = vec!["test".to_string(), "--workspace".into(), "--no-run".into()];
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         // target/<profile>/deps/<test binary>
         let profile = exe

@@ -11,10 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use metta_tests::build::kernel_version;
-use metta_tests::control::{Control, CLUSTER};
+use metta_tests::build::{domain_wasm, kernel_version};
+use metta_tests::control::{stderr, stdout, Control, CLUSTER, HOSTED_NODE};
 use metta_tests::qemu::{stamped, text, Boot, Nic, Qemu, EXIT_SUCCESS};
 use metta_tests::{wait_for, TestDir};
+use serde_json::Value;
 
 /// A plain boot, to the exit.
 const BOOT_EXIT: Duration = Duration::from_secs(60);
@@ -22,6 +23,9 @@ const BOOT_EXIT: Duration = Duration::from_secs(60);
 const JOIN: Duration = Duration::from_secs(60);
 /// Placement, a call, a log line reaching `mettactl` through the native link.
 const CONTROL: Duration = Duration::from_secs(30);
+/// RAM of the VMs that run domains: the scheduler keeps 32 MiB of a native
+/// node for itself, so ~220 MiB is left for contracts (two of 32 MiB here).
+const DOMAIN_VM_MIB: u32 = 256;
 
 /// The value after `prefix` up to the next space, in the first serial line
 /// whose text contains `prefix`.
@@ -244,4 +248,193 @@ fn boot_dhcp_and_join() {
         !vm.serial().contains(&secret),
         "the token's secret appears on serial"
     );
+}
+
+/// `mettactl run IMAGE --name NAME --node NODE --cpu 10ms/100ms --memory
+/// 32MiB -o json`; checks it started there.
+fn run_on(ctl: &Control, image: &str, name: &str, node: &str) -> Value {
+    let started = ctl.json(&[
+        "run",
+        image,
+        "--name",
+        name,
+        "--node",
+        node,
+        "--cpu",
+        "10ms/100ms",
+        "--memory",
+        "32MiB",
+    ]);
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(started["node_name"], node, "{started}");
+    started
+}
+
+#[test]
+fn counter_on_native_called_from_mettactl() {
+    const NAME: &str = "native-1";
+    let dir = TestDir::new("counter-native");
+    let ctl = Control::start(&dir);
+    let key = ctl.trust_vendor("acme");
+    ctl.push_image(
+        &key,
+        "acme",
+        &domain_wasm("counter"),
+        "counter",
+        &["log", "channel:/svc/counter"],
+    );
+    let mut vm = ctl.boot_native(NAME, DOMAIN_VM_MIB, "");
+    ctl.wait_node_up(NAME, CONTROL);
+
+    let t = Instant::now();
+    run_on(&ctl, "counter", "c1", NAME);
+    eprintln!("run on the native node took {:.2?}", t.elapsed());
+
+    assert_eq!(ctl.ok(&["call", "c1", "incr"]).trim(), "1");
+    assert_eq!(ctl.ok(&["call", "c1", "add", "41"]).trim(), "42");
+    assert_eq!(ctl.ok(&["call", "c1", "get"]).trim(), "42");
+    assert_eq!(
+        ctl.ok(&["call", "c1", "frobnicate"]).trim(),
+        "err unknown command"
+    );
+
+    let row = ctl.ps_row("c1").expect("c1 in `mettactl ps`");
+    assert_eq!(row["node_name"], NAME, "{row}");
+    assert_eq!(row["image"], "counter:0.1.0", "{row}");
+    // Live: runnable, or waiting for its next message (not starting, not
+    // failed), with figures from the native node's nucleus.
+    assert!(
+        row["state"] == "running" || row["state"] == "waiting",
+        "{row}"
+    );
+    assert!(row["activations"].as_u64().unwrap_or(0) >= 1, "{row}");
+    assert!(row["memory_bytes"].as_u64().unwrap_or(0) > 0, "{row}");
+    assert_eq!(row["contract"]["slice_ns"], 10_000_000, "{row}");
+    assert_eq!(row["contract"]["period_ns"], 100_000_000, "{row}");
+    assert_eq!(row["contract"]["memory"], 32 << 20, "{row}");
+
+    wait_for(CONTROL, "`counter: up` in `mettactl logs c1`", || {
+        ctl.try_ok(&["logs", "c1"])?
+            .contains("counter: up")
+            .then_some(())
+    });
+    // The native machine's console agrees: the domain started there, with
+    // its contract, and its log line is there too.
+    vm.wait_text(
+        "node: domain c1 started (epoch 1, 10000/100000 us, memory 32768 KiB",
+        CONTROL,
+    );
+    vm.wait_text("c1: counter: up", CONTROL);
+
+    ctl.ok(&["stop", "c1"]);
+    wait_for(CONTROL, "c1 gone from `mettactl ps`", || {
+        ctl.ps_row("c1").is_none().then_some(())
+    });
+    let o = ctl.ctl(&["call", "c1", "incr"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("not found: domain c1"),
+        "a stopped domain is not called: {} {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    vm.wait_text("node: domain c1 stopped", CONTROL);
+
+    assert!(vm.poll_exit().is_none(), "the kernel is still running");
+    assert!(!vm.serial().contains("PANIC"));
+}
+
+/// Ping on `ping_node`, pong on `pong_node`: `n` pings, every one answered
+/// in order, none missing; both stopped at the end.
+fn pingpong(ctl: &Control, ping_node: &str, pong_node: &str, n: u32, tag: &str) {
+    let ping = format!("ping-{tag}");
+    let pong = format!("pong-{tag}");
+    run_on(ctl, "pingpong", &ping, ping_node);
+    run_on(ctl, "pingpong", &pong, pong_node);
+    assert_eq!(
+        ctl.ps_row(&ping).expect("ping listed")["node_name"],
+        ping_node
+    );
+    assert_eq!(
+        ctl.ps_row(&pong).expect("pong listed")["node_name"],
+        pong_node
+    );
+
+    let t = Instant::now();
+    let start = format!("start {n}");
+    assert_eq!(
+        ctl.ok(&["call", &ping, "--channel", "/ctl", &start]).trim(),
+        "ok"
+    );
+    let want = format!("ping sent {n} acked {n} target {n} gaps 0");
+    let mut last = String::new();
+    wait_for(
+        Duration::from_secs(120),
+        &format!("{n} pings from {ping_node} answered from {pong_node}"),
+        || {
+            last = ctl.ok(&["call", &ping, "--channel", "/ctl", "status"]);
+            assert!(last.trim().ends_with(" gaps 0"), "{ping} saw a gap: {last}");
+            (last.trim() == want).then_some(())
+        },
+    );
+    eprintln!(
+        "{n} pings {ping_node} -> {pong_node} answered in {:.2?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        ctl.ok(&["call", &pong, "--channel", "/ctl", "status"])
+            .trim(),
+        format!("pong seen {n} gaps 0")
+    );
+    let done = format!("pingpong: done {n}");
+    let logs = wait_for(
+        CONTROL,
+        &format!("`{done}` in `mettactl logs {ping}`"),
+        || {
+            let logs = ctl.try_ok(&["logs", &ping])?;
+            logs.contains(&done).then_some(logs)
+        },
+    );
+    assert!(logs.contains("pingpong: 100 ok"), "{logs}");
+    assert!(!logs.contains("GAP"), "{logs}");
+    let logs = ctl.ok(&["logs", &pong]);
+    assert!(!logs.contains("GAP"), "{logs}");
+
+    ctl.ok(&["stop", &ping]);
+    ctl.ok(&["stop", &pong]);
+    wait_for(CONTROL, "both stopped", || {
+        (ctl.ps_row(&ping).is_none() && ctl.ps_row(&pong).is_none()).then_some(())
+    });
+}
+
+#[test]
+fn pingpong_split_native_hosted() {
+    const NAME: &str = "native-1";
+    const PINGS: u32 = 300;
+    let dir = TestDir::new("pingpong-native");
+    let ctl = Control::start(&dir);
+    let key = ctl.trust_vendor("acme");
+    ctl.push_image(
+        &key,
+        "acme",
+        &domain_wasm("pingpong"),
+        "pingpong",
+        &[
+            "log",
+            "channel:/ctl",
+            "channel:/svc/ping",
+            "channel:/svc/pong",
+        ],
+    );
+    let mut vm = ctl.boot_native(NAME, DOMAIN_VM_MIB, "");
+    ctl.wait_node_up(NAME, CONTROL);
+
+    // Native ping, hosted pong; then the other way round.
+    pingpong(&ctl, NAME, HOSTED_NODE, PINGS, "a");
+    vm.wait_text(&format!("ping-a: pingpong: done {PINGS}"), CONTROL);
+    pingpong(&ctl, HOSTED_NODE, NAME, PINGS, "b");
+    vm.wait_text(&format!("pong-b: pingpong: {PINGS} ok"), CONTROL);
+    vm.wait_text("node: domain pong-b stopped", CONTROL);
+
+    assert!(vm.poll_exit().is_none(), "the kernel is still running");
+    assert!(!vm.serial().contains("PANIC"));
 }
