@@ -168,7 +168,9 @@ fn dirty_pages_exact() {
 fn boot_dhcp_and_join() {
     const NAME: &str = "native-1";
     const MIB: u64 = 128;
-    const HEARTBEATS: u32 = 8;
+    // Acknowledged syncs, which the idle node's control plane holds for
+    // 500 ms each: ~8 s of heartbeats, well past the liveness window.
+    const HEARTBEATS: u32 = 16;
     let dir = TestDir::new("join");
     let ctl = Control::start(&dir);
     let token = ctl.worker_token();
@@ -225,16 +227,24 @@ fn boot_dhcp_and_join() {
         "{memory} bytes is not close to the VM's {MIB} MiB"
     );
 
-    // It heartbeats: acknowledged on serial, and the node stays up past the
-    // liveness window (3 s) after the join.
+    // It heartbeats: acknowledged on serial, and while the VM runs the node
+    // stays up past the liveness window (3 s) after the join.
     vm.wait_line("the first heartbeat acknowledged", CONTROL, |l| {
         text(l).starts_with("link: heartbeat 1 acknowledged (cpus 1, memory ")
     });
     wait_for(CONTROL, "the node up 4 s after its join", || {
         let n = ctl.node(NAME)?;
         assert_eq!(n["status"], "up", "went down while heartbeating: {n}");
-        (joined_at.elapsed() > Duration::from_secs(4)).then_some(())
+        if joined_at.elapsed() < Duration::from_secs(4) {
+            return None;
+        }
+        assert!(
+            vm.poll_exit().is_none(),
+            "the VM stopped heartbeating before the check"
+        );
+        Some(())
     });
+    vm.wait_text("link: heartbeat 10 acknowledged", CONTROL);
     let done =
         format!("link: {HEARTBEATS} heartbeats acknowledged (metta.heartbeats={HEARTBEATS}); done");
     vm.wait_text(&done, CONTROL);
