@@ -54,13 +54,17 @@ fn is_package_env(key: &str) -> bool {
 /// everything above it, and the next ordinary build would rebuild it all
 /// back.
 fn cargo_command() -> Command {
-    let mut c = Command::new(cargo());
+    without_package_env(Command::new(cargo()))
+}
+
+/// `cmd` with the package variables removed (see [`cargo_command`]).
+fn without_package_env(mut cmd: Command) -> Command {
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(is_package_env) {
-            c.env_remove(key);
+            cmd.env_remove(key);
         }
     }
-    c
+    cmd
 }
 
 /// Runs `cargo ARGS` in `dir`; the executables of bin targets it produced
@@ -210,7 +214,7 @@ pub fn domain_wasm(name: &str) -> PathBuf {
     if !path.exists() {
         let built = BUILT.get_or_init(|| {
             let start = Instant::now();
-            let out = Command::new("bash")
+            let out = without_package_env(Command::new("bash"))
                 .arg(root.join("domains/build.sh"))
                 .stdin(Stdio::null())
                 .output()
