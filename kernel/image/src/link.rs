@@ -114,8 +114,13 @@ pub const SYNC_TIMEOUT_MS: u64 = SYNC_HOLD_MS as u64 + 5_000;
 /// How long a renewal's answer may take.
 pub const RENEW_TIMEOUT_MS: u64 = 5_000;
 /// After work with starts, the next sync waits this long at most for the
-/// new domains' first activations.
+/// new domains' first activations, so `run` learns of them without waiting
+/// out a hold on the control node.
 pub const SETTLE_MS: u64 = 100;
+/// After work with messages or answers, the next sync waits this long at
+/// most for the domains to finish with them (until every domain waits), so
+/// their answers and follow-ups go with it.
+pub const SETTLE_MESSAGES_MS: u64 = 20;
 /// Acknowledged syncs (heartbeats) are logged: the first, then every this many.
 const HEARTBEAT_LOG_EVERY: u64 = 10;
 /// Bytes read from the socket per call.
@@ -818,7 +823,13 @@ impl Member {
             *acked += 1;
             on_ack(backoff.failures());
             backoff.reset();
-            let starts = !work.start.is_empty();
+            let settle_ms = if !work.start.is_empty() {
+                SETTLE_MS
+            } else if !work.deliver.is_empty() || !work.answers.is_empty() {
+                SETTLE_MESSAGES_MS
+            } else {
+                0
+            };
             for note in runner.node.acked(work, timer::now_ns()) {
                 kprintln!("node: {note}");
             }
@@ -838,12 +849,17 @@ impl Member {
                 kprintln!("link: {acked} heartbeats acknowledged (metta.heartbeats={acked}); done");
                 return Ended::Exit(ExitCode::Success);
             }
-            if starts {
-                // Let the new domains finish their first activation, so the
-                // next sync reports them started rather than waiting a hold.
-                let end = timer::now_ns() + SETTLE_MS * MS;
-                while runner.node.starting() && timer::now_ns() < end {
+            if settle_ms > 0 {
+                // Let the domains finish with the work (new ones their first
+                // activation, receivers their answers) until they all wait,
+                // so the next sync carries the results rather than the
+                // control node holding it while they come.
+                let end = timer::now_ns() + settle_ms * MS;
+                loop {
                     runner.wait();
+                    if (runner.idle && !runner.node.starting()) || timer::now_ns() >= end {
+                        break;
+                    }
                 }
             }
         }

@@ -158,6 +158,9 @@ pub struct Runner {
     pub node: Node,
     /// What the activation loop did.
     pub stats: LoopStats,
+    /// Whether the last [`Runner::wait`] found every domain waiting (it
+    /// halted until a tick or a wake-up) rather than running one.
+    pub idle: bool,
 }
 
 impl Runner {
@@ -166,6 +169,7 @@ impl Runner {
         Runner {
             node,
             stats: LoopStats::default(),
+            idle: false,
         }
     }
 
@@ -181,6 +185,7 @@ impl Runner {
             match p {
                 Poll::Ran { .. } => {
                     self.stats.activations += 1;
+                    self.idle = false;
                     if now - start >= SERVICE_NS {
                         return;
                     }
@@ -195,6 +200,7 @@ impl Runner {
                     }
                     let tick = timer::ticks();
                     self.stats.idles += 1;
+                    self.idle = true;
                     timer::idle_until(|| {
                         timer::ticks() != tick
                             || timer::now_ns() >= wake
