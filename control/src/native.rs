@@ -21,9 +21,11 @@
 //! **What it runs** is not sent as commands that could be lost: every sync
 //! compares the domains the registry places on the node with the ones it
 //! reports ([`plan`]), so a lost answer is repaired by the next sync.
-//! Messages and answers are at most once, like those between hosted nodes:
-//! what was taken from the mailbox for an answer that never reached the
-//! node is gone.
+//! What the node sends is taken once: a sync resent after a lost answer
+//! carries the same batch number ([`NodeSync::seq`]) and its batch is not
+//! taken again. What goes *to* the node is at most once, like messages
+//! between hosted nodes: what was taken from the mailbox for an answer that
+//! never reached the node is gone.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +102,8 @@ impl LogRing {
 struct Link {
     /// Bumped by every sync: a held sync that sees it change gives way.
     generation: u64,
+    /// The batch number of the last sync taken ([`NodeSync::seq`]).
+    last_seq: Option<u64>,
     /// When its last sync arrived.
     last_sync: Option<Instant>,
     /// When a sync last counted as a heartbeat.
@@ -127,6 +131,7 @@ impl Link {
     fn new() -> Link {
         Link {
             generation: 0,
+            last_seq: None,
             last_sync: None,
             last_heartbeat: None,
             reported: Vec::new(),
@@ -234,6 +239,26 @@ impl NativeLinks {
     /// (routed) and answers, for the caller to send on.
     pub fn report(&self, node: NodeId, sync: &mut NodeSync) -> Produced {
         let mut produced = Produced::default();
+        // A batch seen before (its answer was lost) is not taken twice.
+        let fresh = {
+            let mut links = self.links();
+            let l = links.entry(node).or_insert_with(Link::new);
+            let fresh = sync.seq == 0 || l.last_seq != Some(sync.seq);
+            if sync.seq != 0 {
+                l.last_seq = Some(sync.seq);
+            }
+            fresh
+        };
+        if !fresh {
+            debug!(
+                node,
+                seq = sync.seq,
+                "a resent sync: its batch was taken already"
+            );
+            sync.outbound.clear();
+            sync.answers.clear();
+            sync.logs.clear();
+        }
         {
             let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
             for m in sync.outbound.drain(..) {
@@ -747,6 +772,34 @@ mod tests {
         let idle = links.work(node, Duration::from_millis(200), applied).await;
         assert!(is_empty(&idle), "{idle:?}");
         assert!(t.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[test]
+    fn a_resent_batch_is_taken_once() {
+        let mut registry = Registry::default();
+        registry.domains.insert("c1".into(), rec("c1", 1));
+        let links = NativeLinks::new(Arc::new(RwLock::new(registry)));
+        let r = ReplyRef {
+            node: 9,
+            lane: 0,
+            token: 3,
+        };
+        let batch = |seq| NodeSync {
+            answers: vec![(r, b"a".to_vec())],
+            logs: vec![("c1".into(), "line".into())],
+            domains: vec![rep("c1", 1)],
+            seq,
+            ..NodeSync::default()
+        };
+        assert_eq!(links.report(7, &mut batch(1)).answers.len(), 1);
+        // The answer to it was lost: the same batch again.
+        assert!(links.report(7, &mut batch(1)).answers.is_empty());
+        assert_eq!(links.report(7, &mut batch(2)).answers.len(), 1);
+        let logs = links.links().get(&7).unwrap().logs["c1"].since(0);
+        assert_eq!(logs.lines.len(), 2, "{logs:?}");
+        // Without a number, nothing is promised and everything is taken.
+        assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
+        assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
     }
 
     #[tokio::test]

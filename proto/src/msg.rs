@@ -91,6 +91,11 @@ pub struct NodeSync {
     pub stats: Option<Vec<DomainRuntime>>,
     /// How long the control node may hold the answer when there is no work.
     pub hold_ms: u32,
+    /// Which batch of outbound messages, answers and log lines this sync
+    /// carries. A sync whose answer was lost is sent again with the same
+    /// number and the same batch, and the control node takes a batch only
+    /// once, so nothing is lost or doubled (0: no such promise).
+    pub seq: u64,
 }
 
 /// A domain as a native node reports it.

@@ -71,8 +71,9 @@
 //!    <n> s`, 0.5 s doubling to 8 s), a lost connection is re-established the
 //!    same way (`link: lost the connection ...`, then `link: reconnected ...`
 //!    once a sync is acknowledged again); a sync that got no answer is sent
-//!    again with the same contents and what came since, so no message,
-//!    answer or log line is lost with a connection. The wrong cluster, a
+//!    again with the same batch and batch number (`NodeSync::seq`; what came
+//!    since waits for the next), so no message, answer or log line is lost
+//!    with a connection, and the control node takes none twice. The wrong cluster, a
 //!    rejected token or a refused node print why and exit with their own
 //!    codes.
 //!

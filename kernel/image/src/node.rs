@@ -23,9 +23,10 @@
 //! - **What goes up**: outbound messages (each with a [`ReplyRef`] naming
 //!   this node, lane 0 and the driver's token), answers, log lines
 //!   ([`MAX_SYNC_LOGS`] kept, older ones dropped and counted). A sync that
-//!   got no answer is not lost: its contents stay [`Node`]'s until a sync is
-//!   acknowledged, and the next one carries them again, plus whatever came
-//!   since.
+//!   got no answer is not lost: its batch stays [`Node`]'s until a sync is
+//!   acknowledged and is sent again unchanged with its batch number
+//!   (`NodeSync::seq`), which the control node takes once; whatever came
+//!   since goes in the next batch.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -67,6 +68,8 @@ enum Run {
 /// What a sync carried that has not been acknowledged yet.
 #[derive(Debug, Default)]
 struct Unacked {
+    /// Its batch number ([`NodeSync::seq`]).
+    seq: u64,
     outbound: Vec<OutboundMessage>,
     outbound_bytes: usize,
     answers: Vec<(ReplyRef, Vec<u8>)>,
@@ -100,6 +103,8 @@ pub struct Node {
     answers: Vec<(ReplyRef, Vec<u8>)>,
     stats_wanted: bool,
     unacked: Option<Unacked>,
+    /// The batch number of the next new sync.
+    next_seq: u64,
 }
 
 impl Node {
@@ -118,6 +123,7 @@ impl Node {
             answers: Vec::new(),
             stats_wanted: false,
             unacked: None,
+            next_seq: 1,
         }
     }
 
@@ -179,34 +185,44 @@ impl Node {
     }
 
     /// The next sync: the report of every placed domain, and everything
-    /// that waits to go up (that of an unacknowledged sync first). Collect
-    /// [`lines`](Self::lines) first so that they go with it.
+    /// that waits to go up. While a sync is unacknowledged its batch is sent
+    /// again unchanged, with its number ([`NodeSync::seq`]), so the control
+    /// node takes it exactly once; what came since waits for the next batch.
+    /// Collect [`lines`](Self::lines) first so that they go with it.
     pub fn sync(&mut self, heartbeat: Heartbeat, hold_ms: u32) -> NodeSync {
-        let mut u = self.unacked.take().unwrap_or_default();
-        u.answers.append(&mut self.answers);
-        u.logs.extend(self.logs.drain(..));
-        u.logs_dropped += core::mem::take(&mut self.logs_dropped);
-        while u.logs.len() > MAX_SYNC_LOGS {
-            u.logs.pop_front();
-            u.logs_dropped += 1;
+        if self.unacked.is_none() {
+            let mut u = Unacked {
+                seq: self.next_seq,
+                ..Unacked::default()
+            };
+            self.next_seq += 1;
+            u.answers.append(&mut self.answers);
+            u.logs.extend(self.logs.drain(..));
+            u.logs_dropped += core::mem::take(&mut self.logs_dropped);
+            while u.logs.len() > MAX_SYNC_LOGS {
+                u.logs.pop_front();
+                u.logs_dropped += 1;
+            }
+            for o in self
+                .driver
+                .take_outbound(MAX_OUTBOUND, MAX_OUTBOUND_BYTES, true)
+            {
+                u.outbound_bytes += o.payload.len();
+                u.outbound.push(OutboundMessage {
+                    from: o.from,
+                    channel: o.channel,
+                    payload: o.payload,
+                    reply: Some(ReplyRef {
+                        node: self.id,
+                        lane: LANE,
+                        token: o.token,
+                    }),
+                });
+            }
+            self.unacked = Some(u);
         }
-        let items = MAX_OUTBOUND.saturating_sub(u.outbound.len());
-        let bytes = MAX_OUTBOUND_BYTES.saturating_sub(u.outbound_bytes);
-        let first = u.outbound.is_empty();
-        for o in self.driver.take_outbound(items, bytes, first) {
-            u.outbound_bytes += o.payload.len();
-            u.outbound.push(OutboundMessage {
-                from: o.from,
-                channel: o.channel,
-                payload: o.payload,
-                reply: Some(ReplyRef {
-                    node: self.id,
-                    lane: LANE,
-                    token: o.token,
-                }),
-            });
-        }
-        let sync = NodeSync {
+        let u = self.unacked.as_ref().expect("set above");
+        NodeSync {
             heartbeat,
             domains: self.report(),
             outbound: u.outbound.clone(),
@@ -215,9 +231,8 @@ impl Node {
             logs_dropped: u.logs_dropped,
             stats: self.stats_wanted.then(|| self.rows()),
             hold_ms,
-        };
-        self.unacked = Some(u);
-        sync
+            seq: u.seq,
+        }
     }
 
     /// The last sync was answered with `work`: its contents are delivered;
@@ -715,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_sync_is_sent_again_with_what_came_since() {
+    fn an_unanswered_sync_is_sent_again_unchanged_and_what_came_since_next() {
         let mut n = node();
         let mut clock = 0;
         // The client alone: its request goes outbound.
@@ -759,14 +774,20 @@ mod tests {
         let until = clock + 20_000_000;
         run(&mut n, &mut clock, until);
         let again = n.sync(hb(), 500);
+        // The same batch, with the same number: the control node takes it
+        // once, whether or not it saw the first.
+        assert_eq!(again.seq, first.seq);
         assert_eq!(
-            again.outbound, first.outbound,
-            "the client waits for its answer"
+            (&again.outbound, &again.answers, &again.logs),
+            (&first.outbound, &first.answers, &first.logs)
         );
-        assert_eq!(again.answers[0], first.answers[0]);
-        assert_eq!(again.answers[1].0, reply(6));
-        assert_eq!(again.logs[..1], first.logs[..]);
-        // Acknowledged: gone.
+        // Acknowledged: the next batch has what came meanwhile.
+        n.acked(NodeWork::default(), clock);
+        let next = n.sync(hb(), 500);
+        assert_eq!(next.seq, first.seq + 1);
+        assert!(next.outbound.is_empty());
+        assert_eq!(next.answers.len(), 1);
+        assert_eq!(next.answers[0].0, reply(6));
         n.acked(NodeWork::default(), clock);
         let s = n.sync(hb(), 500);
         assert!(s.outbound.is_empty() && s.answers.is_empty() && s.logs.is_empty());
@@ -787,7 +808,8 @@ mod tests {
         assert_eq!(s.logs.len(), MAX_SYNC_LOGS);
         assert_eq!(s.logs_dropped, 10);
         assert_eq!(s.logs[0].1, "10");
-        // Unacknowledged, with more lines: still bounded, drops add up.
+        // Unacknowledged, with more lines: the same batch goes again; the
+        // new lines wait for the next one.
         for i in 0..5 {
             n.notes.push(DomainLine {
                 domain: "d".into(),
@@ -795,11 +817,12 @@ mod tests {
             });
         }
         n.lines();
-        let s = n.sync(hb(), 500);
-        assert_eq!((s.logs.len(), s.logs_dropped), (MAX_SYNC_LOGS, 15));
-        assert_eq!(s.logs.last().unwrap().1, "more 4");
+        let again = n.sync(hb(), 500);
+        assert_eq!((again.logs, again.logs_dropped), (s.logs, 10));
         n.acked(NodeWork::default(), 0);
-        assert_eq!(n.sync(hb(), 500).logs_dropped, 0);
+        let next = n.sync(hb(), 500);
+        assert_eq!((next.logs.len(), next.logs_dropped), (5, 0));
+        assert_eq!(next.logs.last().unwrap().1, "more 4");
     }
 
     #[test]
