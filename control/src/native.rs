@@ -23,9 +23,9 @@
 //! reports ([`plan`]), so a lost answer is repaired by the next sync.
 //! What the node sends is taken once: a sync resent after a lost answer
 //! carries the same batch number ([`NodeSync::seq`]) and its batch is not
-//! taken again. What goes *to* the node is at most once, like messages
-//! between hosted nodes: what was taken from the mailbox for an answer that
-//! never reached the node is gone.
+//! taken again. What goes *to* it is numbered too ([`NodeWork::seq`]): a
+//! batch of messages and answers is sent again until a sync acknowledges it
+//! ([`NodeSync::work_seq`]), and the node carries out each number once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,12 +98,22 @@ impl LogRing {
     }
 }
 
+/// A numbered batch of messages and answers for a native node.
+type Batch = (u64, Vec<Envelope>, Vec<(u64, Vec<u8>)>);
+
 /// One native node's link, as this control node holds it.
 struct Link {
     /// Bumped by every sync: a held sync that sees it change gives way.
     generation: u64,
     /// The batch number of the last sync taken ([`NodeSync::seq`]).
     last_seq: Option<u64>,
+    /// The batch of messages and answers sent and not yet acknowledged
+    /// (its [`NodeWork::seq`]), sent again until it is.
+    inflight: Option<Batch>,
+    /// The last batch the node said it carried out.
+    acked_work: u64,
+    /// The number of the next batch.
+    next_work_seq: u64,
     /// When its last sync arrived.
     last_sync: Option<Instant>,
     /// When a sync last counted as a heartbeat.
@@ -132,6 +142,9 @@ impl Link {
         Link {
             generation: 0,
             last_seq: None,
+            inflight: None,
+            acked_work: 0,
+            next_work_seq: 1,
             last_sync: None,
             last_heartbeat: None,
             reported: Vec::new(),
@@ -286,6 +299,7 @@ impl NativeLinks {
         let l = links.entry(node).or_insert_with(Link::new);
         l.generation += 1;
         l.last_sync = Some(Instant::now());
+        l.acked_work = l.acked_work.max(sync.work_seq);
         l.work.notify_waiters();
         for (r, payload) in sync.answers.drain(..) {
             if r.node == node && r.lane == PROXY_LANE {
@@ -419,12 +433,32 @@ impl NativeLinks {
         let Some(l) = links.get_mut(&node) else {
             return NodeWork::default();
         };
+        if l.inflight
+            .as_ref()
+            .is_some_and(|(seq, ..)| *seq <= l.acked_work)
+        {
+            l.inflight = None;
+        }
+        if l.inflight.is_none() && (!l.deliver.is_empty() || !l.answers.is_empty()) {
+            let seq = l.next_work_seq;
+            l.next_work_seq += 1;
+            l.inflight = Some((
+                seq,
+                l.deliver.drain(..).collect(),
+                l.answers.drain(..).collect(),
+            ));
+        }
+        let (seq, deliver, answers) = match &l.inflight {
+            Some((seq, d, a)) => (*seq, d.clone(), a.clone()),
+            None => (0, Vec::new(), Vec::new()),
+        };
         NodeWork {
             start,
             stop,
-            deliver: l.deliver.drain(..).collect(),
-            answers: l.answers.drain(..).collect(),
+            deliver,
+            answers,
             stats: std::mem::take(&mut l.want_stats),
+            seq,
         }
     }
 
@@ -750,9 +784,11 @@ mod tests {
             ("c1", &b"incr"[..])
         );
         let r = env.reply.expect("a call wants its answer");
+        assert_ne!(work.seq, 0, "a batch with a message is numbered");
         let mut answer = NodeSync {
             domains: first.domains.clone(),
             answers: vec![(r, b"1".to_vec())],
+            work_seq: work.seq,
             ..NodeSync::default()
         };
         // (report() took the domains out of `first`.)
@@ -772,6 +808,50 @@ mod tests {
         let idle = links.work(node, Duration::from_millis(200), applied).await;
         assert!(is_empty(&idle), "{idle:?}");
         assert!(t.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn a_batch_for_the_node_is_sent_again_until_acknowledged() {
+        let mut registry = Registry::default();
+        registry.domains.insert("c1".into(), rec("c1", 1));
+        let links = NativeLinks::new(Arc::new(RwLock::new(registry)));
+        let (_tx, applied) = watch::channel(0);
+        let sync = |work_seq| NodeSync {
+            domains: vec![rep("c1", 1)],
+            work_seq,
+            ..NodeSync::default()
+        };
+        links.report(7, &mut sync(0));
+        let env = |p: &[u8]| Envelope {
+            from: "x".into(),
+            to: "c1".into(),
+            channel: "/svc/counter".into(),
+            payload: p.to_vec(),
+            reply: None,
+        };
+        links
+            .serve(7, NodeCall::Deliver(vec![env(b"1")]))
+            .await
+            .unwrap();
+        let hold = Duration::from_millis(50);
+        let w1 = links.work(7, hold, applied.clone()).await;
+        assert_eq!((w1.seq, w1.deliver.len()), (1, 1));
+        // Its answer was lost: the node's next sync does not acknowledge it,
+        // and gets the same batch again, even with more mail waiting.
+        links
+            .serve(7, NodeCall::Deliver(vec![env(b"2")]))
+            .await
+            .unwrap();
+        links.report(7, &mut sync(0));
+        let again = links.work(7, hold, applied.clone()).await;
+        assert_eq!((again.seq, &again.deliver), (1, &w1.deliver));
+        // Acknowledged: the next batch.
+        links.report(7, &mut sync(1));
+        let w2 = links.work(7, hold, applied.clone()).await;
+        assert_eq!((w2.seq, w2.deliver[0].payload.as_slice()), (2, &b"2"[..]));
+        links.report(7, &mut sync(2));
+        let idle = links.work(7, hold, applied).await;
+        assert_eq!((idle.seq, idle.deliver.len()), (0, 0));
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct NodeSync {
     /// number and the same batch, and the control node takes a batch only
     /// once, so nothing is lost or doubled (0: no such promise).
     pub seq: u64,
+    /// The last [`NodeWork::seq`] the node carried out: until it says so,
+    /// the control node sends that batch of messages and answers again.
+    pub work_seq: u64,
 }
 
 /// A domain as a native node reports it.
@@ -153,6 +156,11 @@ pub struct NodeWork {
     pub answers: Vec<(u64, Vec<u8>)>,
     /// Send runtime rows with the next sync.
     pub stats: bool,
+    /// Numbers the batch of [`NodeWork::deliver`] and [`NodeWork::answers`]
+    /// (0: the batch is empty). It is sent again, unchanged, until a sync
+    /// acknowledges it ([`NodeSync::work_seq`]); the node carries out a
+    /// number it has seen only once.
+    pub seq: u64,
 }
 
 /// A domain for a native node to start.

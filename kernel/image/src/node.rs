@@ -105,6 +105,8 @@ pub struct Node {
     unacked: Option<Unacked>,
     /// The batch number of the next new sync.
     next_seq: u64,
+    /// The last [`NodeWork::seq`] carried out.
+    work_seq: u64,
 }
 
 impl Node {
@@ -124,6 +126,7 @@ impl Node {
             stats_wanted: false,
             unacked: None,
             next_seq: 1,
+            work_seq: 0,
         }
     }
 
@@ -232,6 +235,7 @@ impl Node {
             stats: self.stats_wanted.then(|| self.rows()),
             hold_ms,
             seq: u.seq,
+            work_seq: self.work_seq,
         }
     }
 
@@ -249,10 +253,21 @@ impl Node {
         let NodeWork {
             start,
             stop,
-            deliver,
-            answers,
+            mut deliver,
+            mut answers,
             stats,
+            seq,
         } = work;
+        // A batch of messages is sent again until a sync acknowledges it:
+        // carry out each number once.
+        if seq != 0 {
+            if seq <= self.work_seq {
+                deliver.clear();
+                answers.clear();
+            } else {
+                self.work_seq = seq;
+            }
+        }
         let mut out = Vec::new();
         for name in stop {
             if let Some(p) = self.remove(&name) {
@@ -791,6 +806,38 @@ mod tests {
         n.acked(NodeWork::default(), clock);
         let s = n.sync(hb(), 500);
         assert!(s.outbound.is_empty() && s.answers.is_empty() && s.logs.is_empty());
+    }
+
+    #[test]
+    fn a_batch_received_twice_is_carried_out_once() {
+        let mut n = node();
+        let mut clock = 0;
+        n.apply(
+            NodeWork {
+                start: vec![start("c1", 1, testdomains::COUNTER, "/svc/counter")],
+                ..NodeWork::default()
+            },
+            clock,
+        );
+        let call = NodeWork {
+            deliver: vec![Envelope {
+                from: "-".into(),
+                to: "c1".into(),
+                channel: "/svc/counter".into(),
+                payload: vec![],
+                reply: Some(reply(5)),
+            }],
+            seq: 1,
+            ..NodeWork::default()
+        };
+        // The first answer carrying it was lost; the control node sent it
+        // again.
+        n.apply(call.clone(), clock);
+        n.apply(call, clock);
+        run(&mut n, &mut clock, 20_000_000);
+        let s = n.sync(hb(), 500);
+        assert_eq!(s.answers.len(), 1, "{:?}", s.answers);
+        assert_eq!(s.work_seq, 1);
     }
 
     #[test]
