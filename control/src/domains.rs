@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use metta_nucleus::accounting::{self, Counters, RunState};
 use metta_nucleus::{Caps, FuelRate};
 use metta_proto::{
     ApiError, CapSet, DomainRuntime, Envelope, LogLines, NodeCall, NodeId, NodeKind, Reply,
@@ -39,8 +40,6 @@ use crate::native::NativeLinks;
 use crate::registry::{DomainRecord, Registry};
 use crate::transport::Transport;
 
-/// Complete periods averaged for [`DomainRuntime::delivered_ppm`].
-pub const DELIVERY_WINDOW: usize = 10;
 /// Envelopes sent to a node in one [`NodeCall::Deliver`].
 pub const MAX_DELIVER_BATCH: usize = 256;
 /// Attempts to hand a batch to another node before dropping it.
@@ -625,89 +624,27 @@ impl Domains {
                 if r.lane != lane_no {
                     continue;
                 }
-                let periods = lane.periods(&s.name);
-                let complete: Vec<_> = periods.iter().rev().skip(1).take(DELIVERY_WINDOW).collect();
-                let delivered_ppm = (!complete.is_empty() && s.contract.slice_ns > 0).then(|| {
-                    let used: u64 = complete.iter().map(|p| p.cpu_ns_charged).sum();
-                    let owed = s.contract.slice_ns * complete.len() as u64;
-                    (used as u128 * 1_000_000 / owed as u128) as u64
-                });
-                let all: Vec<_> = periods.iter().rev().skip(1).collect();
-                let mut shares: Vec<u64> = all
-                    .iter()
-                    .map(|p| {
-                        (p.cpu_ns_charged as u128 * 1_000_000 / s.contract.slice_ns.max(1) as u128)
-                            as u64
-                    })
-                    .collect();
-                let mut real: Vec<u64> = all
-                    .iter()
-                    .map(|p| {
-                        (p.cpu_ns_real as u128 * 1_000_000 / s.contract.slice_ns.max(1) as u128)
-                            as u64
-                    })
-                    .collect();
-                let mut latencies: Vec<u64> = all
-                    .iter()
-                    .filter(|p| p.activations > 0)
-                    .map(|p| p.latency_ns / 1_000)
-                    .collect();
+                let figures = accounting::figures(&lane.periods(&s.name), s.contract.slice_ns);
                 let state = match &s.state {
-                    DomainState::Runnable => "running".to_string(),
-                    DomainState::Waiting => "waiting".to_string(),
-                    DomainState::Failed(why) => format!("failed: {why}"),
+                    DomainState::Runnable => RunState::Running,
+                    DomainState::Waiting => RunState::Waiting,
+                    DomainState::Failed(why) => RunState::Failed(why),
                 };
-                let state = if s.first_activation_ns.is_none() && !state.starts_with("failed") {
-                    "starting".to_string()
-                } else {
-                    state
-                };
-                out.push(DomainRuntime {
-                    name: s.name.clone(),
-                    epoch: r.epoch,
-                    state,
+                let counters = Counters {
                     cpu_ns: s.cpu_ns_delivered,
-                    delivered_ppm,
                     activations: s.activations,
                     memory_bytes: s.memory_bytes,
-                    start_us: s
-                        .first_activation_ns
-                        .map(|f| f.saturating_sub(s.spawned_ns) / 1_000),
                     undelivered: s.undelivered,
-                    periods: all.len() as u32,
-                    delivered_p5_ppm: percentile(&mut shares, 5),
-                    real_p5_ppm: percentile(&mut real, 5),
-                    latency_p99_us: percentile(&mut latencies, 99),
-                });
+                    spawned_ns: s.spawned_ns,
+                    first_activation_ns: s.first_activation_ns,
+                };
+                let row = accounting::runtime_row(&s.name, r.epoch, state, &counters, figures);
+                out.push(row);
             }
         }
         for (name, (epoch, why)) in failed {
-            out.push(DomainRuntime {
-                name,
-                epoch,
-                state: format!("start failed: {why}"),
-                cpu_ns: 0,
-                delivered_ppm: None,
-                activations: 0,
-                memory_bytes: 0,
-                start_us: None,
-                undelivered: 0,
-                periods: 0,
-                delivered_p5_ppm: None,
-                real_p5_ppm: None,
-                latency_p99_us: None,
-            });
+            out.push(DomainRuntime::start_failed(name, epoch, &why));
         }
         out
     }
-}
-
-/// The `p`th percentile (nearest rank) of `v`, which it sorts.
-fn percentile(v: &mut [u64], p: usize) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_unstable();
-    let rank = (p * v.len()).div_ceil(100).max(1);
-    Some(v[rank - 1])
 }

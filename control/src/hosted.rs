@@ -8,7 +8,8 @@
 //! 2. reads the monotonic clock (`Instant`, ns since the driver started) and
 //!    calls [`Nucleus::step`];
 //! 3. after a run: routes the outbox, collects logs, records per-period
-//!    accounting (real and charged CPU, first activation in the period);
+//!    accounting (real and charged CPU, first activation in the period; the
+//!    nucleus's [`metta_nucleus::accounting::PeriodLog`]);
 //! 4. when the nucleus is idle: blocks on the command channel until the
 //!    wake-up time it gave (`recv_timeout`), or indefinitely if it gave none.
 //!
@@ -36,7 +37,8 @@
 //! ([`DomainStats::cpu_ns_delivered`]) and the wall time the activations took
 //! ([`DomainStats::cpu_ns_real`]), so drift is visible.
 //!
-//! **Routing.** Messages are routed between local domains by channel name. A
+//! **Routing** (with the nucleus's [`metta_nucleus::routing`], as the native
+//! driver does). Messages are routed between local domains by channel name. A
 //! message a domain sends on a name (no reply token) goes to the *other*
 //! domain whose capabilities cover that name with the longest prefix (ties:
 //! the lowest id) — the nucleus does not expose which names a domain has
@@ -97,11 +99,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
+use metta_nucleus::accounting::PeriodLog;
+use metta_nucleus::routing::{Local, ReplyTokens};
 use metta_nucleus::{
     Caps, DomainId, FuelRate, Image, LogOrigin, Message, Nucleus, Outcome, Outgoing, ReplyToken,
     Step, Why,
 };
 use metta_proto::Contract;
+
+/// One period of one domain, as observed by the driver (times in ns since
+/// the driver started).
+pub use metta_nucleus::accounting::PeriodRecord;
+/// Outstanding reply tokens kept; beyond this the oldest are forgotten.
+pub use metta_nucleus::routing::MAX_TOKENS;
 
 /// Fuel per calibration run.
 pub const CALIBRATION_FUEL: u64 = 20_000_000;
@@ -112,8 +122,6 @@ pub const RECAL_ALPHA: f64 = 0.25;
 pub const RECAL_MIN_NS: u64 = 100_000;
 /// Stack of the activation thread.
 const ACTIVATION_STACK: usize = 32 << 20;
-/// Outstanding reply tokens kept; beyond this the oldest are forgotten.
-pub const MAX_TOKENS: usize = 65_536;
 /// The error for a reply token that is unknown, used or forgotten.
 const STALE_TOKEN: &str = "stale reply token";
 
@@ -318,23 +326,6 @@ pub struct LogChunk {
     /// Lines after the cursor, before the first returned one, that fell out
     /// of the ring.
     pub dropped: u64,
-}
-
-/// One period of one domain, as observed by the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeriodRecord {
-    /// Start of the scheduler period, ns since the driver started.
-    pub start_ns: u64,
-    /// First activation in the period minus `start_ns`, ns.
-    pub latency_ns: u64,
-    /// Activations in the period.
-    pub activations: u64,
-    /// Wall time of its activations in the period, ns.
-    pub cpu_ns_real: u64,
-    /// Charged time in the period, ns.
-    pub cpu_ns_charged: u64,
-    /// Charged time given as guaranteed time, ns.
-    pub guaranteed_ns: u64,
 }
 
 enum Cmd {
@@ -723,7 +714,7 @@ struct DomState {
     guaranteed_ns: u64,
     extra_ns: u64,
     undelivered: u64,
-    periods: VecDeque<PeriodRecord>,
+    periods: PeriodLog,
     spawned_ns: u64,
     first_activation_ns: Option<u64>,
     /// Waiting for the first activation to end.
@@ -742,24 +733,13 @@ enum Dest {
     External(Option<AnswerFn>),
 }
 
-/// Why a message from one domain could not be delivered to another.
-fn undeliverable_why(e: &metta_nucleus::Undeliverable) -> &'static str {
-    match e {
-        metta_nucleus::Undeliverable::Full(_) => "inbox full",
-        metta_nucleus::Undeliverable::TooBig(_) => "too big",
-        metta_nucleus::Undeliverable::Failed(_) => "receiver failed",
-        metta_nucleus::Undeliverable::NoSuchDomain(_) => "no receiver",
-    }
-}
-
 struct Driver {
     n: Nucleus,
     t0: Instant,
     cfg: HostedConfig,
     names: BTreeMap<String, DomainId>,
     doms: BTreeMap<DomainId, DomState>,
-    tokens: BTreeMap<u64, Dest>,
-    next_token: u64,
+    tokens: ReplyTokens<Dest>,
     /// Start-up rate and the EWMA, fuel per ns.
     base_rate: f64,
     ewma_rate: f64,
@@ -780,8 +760,7 @@ impl Driver {
             cfg,
             names: BTreeMap::new(),
             doms: BTreeMap::new(),
-            tokens: BTreeMap::new(),
-            next_token: 1,
+            tokens: ReplyTokens::new(),
         }
     }
 
@@ -887,7 +866,6 @@ impl Driver {
     /// Per-period accounting of one activation that started at `start`.
     fn account(&mut self, id: DomainId, why: Why, start: u64, real: u64, charged: u64) {
         let entry = self.n.scheduler().entry(id).copied();
-        let cap = self.cfg.period_records.max(1);
         let Some(st) = self.doms.get_mut(&id) else {
             return;
         };
@@ -896,48 +874,12 @@ impl Driver {
             Why::Guaranteed => st.guaranteed_ns += charged,
             Why::Extra => st.extra_ns += charged,
         }
-        let Some(e) = entry else {
-            return;
-        };
-        // `charge` may have rolled the period past the run's end: step back
-        // to the period the run started in.
-        let p = e.contract.period_ns.max(1);
-        let mut ps = e.period_start;
-        if ps > start {
-            ps = ps.saturating_sub((ps - start).div_ceil(p) * p);
+        // A domain that trapped has left the scheduler: no period to book.
+        if let Some(e) = entry {
+            let period = e.contract.period_ns;
+            st.periods
+                .book(e.period_start, period, start, real, charged, why);
         }
-        let guaranteed = if why == Why::Guaranteed { charged } else { 0 };
-        match st.periods.back_mut() {
-            Some(r) if r.start_ns == ps => {
-                r.activations += 1;
-                r.cpu_ns_real += real;
-                r.cpu_ns_charged += charged;
-                r.guaranteed_ns += guaranteed;
-            }
-            _ => {
-                if st.periods.len() >= cap {
-                    st.periods.pop_front();
-                }
-                st.periods.push_back(PeriodRecord {
-                    start_ns: ps,
-                    latency_ns: start.saturating_sub(ps),
-                    activations: 1,
-                    cpu_ns_real: real,
-                    cpu_ns_charged: charged,
-                    guaranteed_ns: guaranteed,
-                });
-            }
-        }
-    }
-
-    fn mint(&mut self, dest: Dest) -> ReplyToken {
-        if self.tokens.len() >= MAX_TOKENS {
-            self.tokens.pop_first();
-        }
-        let t = self.next_token;
-        self.next_token += 1;
-        self.tokens.insert(t, dest);
-        ReplyToken(t)
     }
 
     /// Adds a log line for `id`, produced at `at_ns`.
@@ -981,26 +923,6 @@ impl Driver {
         }
     }
 
-    /// The local domain serving `channel` for a message from `from`.
-    fn route_to(&self, from: DomainId, channel: &str) -> Option<DomainId> {
-        self.n
-            .domains()
-            .filter(|(id, d)| *id != from && d.failure().is_none())
-            .filter_map(|(id, d)| {
-                let best = d
-                    .caps()
-                    .channels
-                    .iter()
-                    .filter(|p| Caps::with_channels([p.as_str()]).may_open(channel))
-                    .map(String::len)
-                    .max()?;
-                Some((best, id))
-            })
-            // Longest prefix wins; among equals the lowest id.
-            .max_by_key(|(len, id)| (*len, std::cmp::Reverse(*id)))
-            .map(|(_, id)| id)
-    }
-
     fn route(&mut self) {
         let out = self.n.take_outbox();
         for Outgoing {
@@ -1012,7 +934,7 @@ impl Driver {
         {
             let now = self.now();
             match reply {
-                Some(ReplyToken(t)) => match self.tokens.remove(&t) {
+                Some(ReplyToken(t)) => match self.tokens.take(t) {
                     Some(Dest::External(Some(f))) => f(payload),
                     Some(Dest::External(None)) => {}
                     // A remote token never reaches a local domain; were it
@@ -1024,26 +946,22 @@ impl Driver {
                             reply: None,
                         };
                         if let Err(e) = self.n.deliver(to, msg, now) {
-                            self.undelivered(from, &channel, undeliverable_why(&e));
+                            self.undelivered(from, &channel, e.why());
                         }
                     }
                     None => self.undelivered(from, &channel, STALE_TOKEN),
                 },
-                None => match self.route_to(from, &channel) {
-                    Some(to) => {
-                        let token = self.mint(Dest::Domain(from, channel.clone()));
-                        let msg = Message {
-                            channel: channel.clone(),
-                            payload,
-                            reply: Some(token),
-                        };
-                        if let Err(e) = self.n.deliver(to, msg, now) {
-                            self.tokens.remove(&token.0);
-                            self.undelivered(from, &channel, undeliverable_why(&e));
-                        }
+                None => {
+                    let dest = Dest::Domain(from, channel.clone());
+                    match self
+                        .tokens
+                        .send_local(&mut self.n, from, &channel, payload, dest, now)
+                    {
+                        Local::Delivered(_) => {}
+                        Local::Refused(e) => self.undelivered(from, &channel, e.why()),
+                        Local::NoRoute(payload) => self.route_out(from, channel, payload),
                     }
-                    None => self.route_out(from, channel, payload),
-                },
+                }
             }
         }
     }
@@ -1059,7 +977,7 @@ impl Driver {
             .get(&from)
             .map(|st| st.name.clone())
             .unwrap_or_default();
-        let token = self.mint(Dest::Remote(from, channel.clone()));
+        let token = self.tokens.mint(Dest::Remote(from, channel.clone()));
         let out = Outbound {
             from: name,
             channel: channel.clone(),
@@ -1067,7 +985,7 @@ impl Driver {
             reply: Some(token.0),
         };
         if let Err(why) = hook(out) {
-            self.tokens.remove(&token.0);
+            self.tokens.take(token.0);
             self.undelivered(from, &channel, &why);
         }
     }
@@ -1076,14 +994,13 @@ impl Driver {
     /// `token`.
     fn answer(&mut self, token: u64, payload: Vec<u8>) -> Result<(), HostedError> {
         let stale = || HostedError::Undeliverable(STALE_TOKEN.into());
-        let (to, channel) = match self.tokens.remove(&token) {
+        // Not one given to the hook: leave it to its owner.
+        let (to, channel) = match self
+            .tokens
+            .take_if(token, |d| matches!(d, Dest::Remote(..)))
+        {
             Some(Dest::Remote(to, ch)) => (to, ch),
-            // Not one given to the hook: leave it to its owner.
-            Some(other) => {
-                self.tokens.insert(token, other);
-                return Err(stale());
-            }
-            None => return Err(stale()),
+            _ => return Err(stale()),
         };
         let msg = Message {
             channel,
@@ -1093,7 +1010,7 @@ impl Driver {
         let now = self.now();
         self.n
             .deliver(to, msg, now)
-            .map_err(|e| HostedError::Undeliverable(undeliverable_why(&e).into()))
+            .map_err(|e| HostedError::Undeliverable(e.why().into()))
     }
 
     fn undelivered(&mut self, from: DomainId, channel: &str, why: &str) {
@@ -1145,7 +1062,7 @@ impl Driver {
                 ack,
             } => {
                 let r = self.id_of(&name).and_then(|id| {
-                    let token = self.mint(Dest::External(answer));
+                    let token = self.tokens.mint(Dest::External(answer));
                     let msg = Message {
                         channel,
                         payload,
@@ -1153,7 +1070,7 @@ impl Driver {
                     };
                     let now = self.now();
                     self.n.deliver(id, msg, now).map_err(|e| {
-                        self.tokens.remove(&token.0);
+                        self.tokens.take(token.0);
                         HostedError::Undeliverable(match e {
                             metta_nucleus::Undeliverable::Full(_) => "inbox full".into(),
                             metta_nucleus::Undeliverable::TooBig(_) => "message too big".into(),
@@ -1195,7 +1112,7 @@ impl Driver {
                     .names
                     .get(&name)
                     .and_then(|id| self.doms.get(id))
-                    .map(|st| st.periods.iter().copied().collect())
+                    .map(|st| st.periods.records().iter().copied().collect())
                     .unwrap_or_default();
                 let _ = tx.send(p);
             }
@@ -1212,7 +1129,7 @@ impl Driver {
                         }
                     }
                     self.tokens.retain(
-                        |_, d| !matches!(d, Dest::Domain(to, _) | Dest::Remote(to, _) if *to == id),
+                        |d| !matches!(d, Dest::Domain(to, _) | Dest::Remote(to, _) if *to == id),
                     );
                 });
                 let _ = tx.send(r);
@@ -1251,7 +1168,7 @@ impl Driver {
                 guaranteed_ns: 0,
                 extra_ns: 0,
                 undelivered: 0,
-                periods: VecDeque::new(),
+                periods: PeriodLog::new(self.cfg.period_records),
                 spawned_ns: now,
                 first_activation_ns: None,
                 started: Vec::new(),
@@ -1779,18 +1696,18 @@ mod tests {
             ack,
         });
         let id = r.recv().unwrap().unwrap();
-        let local = d.mint(Dest::Domain(id, "/x".into())).0;
-        let external = d.mint(Dest::External(None)).0;
-        let remote = d.mint(Dest::Remote(id, "/x".into())).0;
+        let local = d.tokens.mint(Dest::Domain(id, "/x".into())).0;
+        let external = d.tokens.mint(Dest::External(None)).0;
+        let remote = d.tokens.mint(Dest::Remote(id, "/x".into())).0;
         for t in [local, external] {
             assert!(matches!(
                 d.answer(t, b"forged".to_vec()),
                 Err(HostedError::Undeliverable(w)) if w == STALE_TOKEN
             ));
-            assert!(d.tokens.contains_key(&t), "left to its owner");
+            assert!(d.tokens.contains(t), "left to its owner");
         }
         d.answer(remote, b"ok".to_vec()).unwrap();
-        assert!(!d.tokens.contains_key(&remote));
+        assert!(!d.tokens.contains(remote));
         assert!(d.answer(remote, b"again".to_vec()).is_err());
     }
 

@@ -526,6 +526,28 @@ pub struct DomainRuntime {
     pub undelivered: u64,
 }
 
+impl DomainRuntime {
+    /// The row of a domain that could not be started (incarnation `epoch`):
+    /// state `start failed: <why>`, no figures.
+    pub fn start_failed(name: String, epoch: u64, why: &str) -> DomainRuntime {
+        DomainRuntime {
+            name,
+            epoch,
+            state: alloc::format!("start failed: {why}"),
+            cpu_ns: 0,
+            delivered_ppm: None,
+            activations: 0,
+            memory_bytes: 0,
+            start_us: None,
+            periods: 0,
+            delivered_p5_ppm: None,
+            real_p5_ppm: None,
+            latency_p99_us: None,
+            undelivered: 0,
+        }
+    }
+}
+
 /// A row of `mettactl ps`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainStatus {
@@ -851,3 +873,25 @@ impl fmt::Display for ApiError {
 }
 
 impl core::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_failed_row_says_why_and_has_no_figures() {
+        let row = DomainRuntime::start_failed("c".into(), 4, "bad image");
+        assert_eq!((row.name.as_str(), row.epoch), ("c", 4));
+        assert_eq!(row.state, "start failed: bad image");
+        assert_eq!(
+            (row.cpu_ns, row.activations, row.memory_bytes, row.periods),
+            (0, 0, 0, 0)
+        );
+        assert_eq!((row.delivered_ppm, row.start_us), (None, None));
+        assert_eq!(
+            (row.delivered_p5_ppm, row.real_p5_ppm, row.latency_p99_us),
+            (None, None, None)
+        );
+        assert_eq!(row.undelivered, 0);
+    }
+}

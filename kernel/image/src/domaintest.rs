@@ -13,6 +13,7 @@ use metta_kernel::exit::ExitCode;
 use metta_kernel::paging::PAGE;
 use metta_kernel::stats::{self, Percent, RATE_SCALE_NS};
 use metta_kernel::testdomains::{self as td, read_le};
+use metta_nucleus::accounting;
 use metta_nucleus::{memory_root, Caps, Domain, DomainId, FuelRate, Image, Nucleus, Runtime, Step};
 use metta_proto::{abi, Contract};
 
@@ -232,7 +233,7 @@ fn domains_body() -> Check {
             ms(rec.extra_ns),
             ms(rec.real_ns),
             ms(due),
-            Percent(stats::ppm(rec.guaranteed_ns, due)),
+            Percent(accounting::ppm(rec.guaranteed_ns, due)),
             st.activations,
             st.preemptions,
             stats::rate_per_scale(st.fuel_used, rec.real_ns),
@@ -251,11 +252,11 @@ fn domains_body() -> Check {
                 us(rep.p50_latency_ns),
                 us(rep.p99_latency_ns),
                 us(rep.max_latency_ns),
-                Percent(stats::ppm(rep.real_ns, rep.charged_ns.max(1)))
+                Percent(accounting::ppm(rep.real_ns, rep.charged_ns.max(1)))
             );
         }
         if name == "steady" {
-            let met_ppm = stats::ppm(rep.met, rep.periods);
+            let met_ppm = accounting::ppm(rep.met, rep.periods);
             kprintln!(
                 "domains: steady got >= {} of its slice (charged) in {} of {} periods ({}; needed {}); by wall time in {}; p99 activation latency {} us",
                 Percent(SLICE_SHARE_PPM),
@@ -301,6 +302,7 @@ fn domains_body() -> Check {
     let steady = d.id("steady").map_err(err)?;
     let after_trap = d.record(steady).map_or(0, |r| {
         r.periods
+            .records()
             .iter()
             .filter(|p| p.start_ns > spawned + 200_000_000)
             .count()

@@ -5,13 +5,17 @@
 //!
 //! - **Activation loop**: [`Driver::poll`] reads the clock it is given, calls
 //!   [`Nucleus::step`], and after a run notes the wall time it took
-//!   (per-period records: latency of the first activation in a period, real
-//!   and charged CPU, guaranteed share), folds the measured fuel/ns into the
+//!   (per-period records, booked as hosted does with the nucleus's
+//!   [`PeriodLog`]: latency of the first activation in a period, real and
+//!   charged CPU, guaranteed share), folds the measured fuel/ns into the
 //!   fuel rate (an EWMA, as hosted: weight ¼, samples from activations of at
 //!   least [`RECAL_MIN_NS`], clamped to ¼–4× the start-up rate), collects the
 //!   logs and routes the outbox. When the nucleus is idle it says until when
 //!   ([`Poll::Idle`]); the caller halts the CPU until then.
-//! - **Routing** between local domains, as hosted: a message sent on a name
+//! - **Routing** between local domains, as hosted (the nucleus's
+//!   [`metta_nucleus::routing`]: a [`ReplyTokens`] table and its
+//!   [`ReplyTokens::send_local`]):
+//!   a message sent on a name
 //!   (no reply token) goes to the *other* live domain whose channel
 //!   capability covers the name with the longest prefix (ties: the lowest
 //!   id), with a [`ReplyToken`] minted for the receiver; the answer comes
@@ -26,7 +30,8 @@
 //!   [`Driver::answer`] delivers that answer to the sender on the same
 //!   channel name, as a local answer would be.
 //! - **Runtime rows** ([`Driver::runtime`]): the figures `mettactl ps`
-//!   shows, computed as `control/src/domains.rs` does for hosted lanes.
+//!   shows, by [`accounting::runtime_row`], as `control/src/domains.rs`
+//!   computes them for hosted lanes.
 //! - **Logs**: every domain line and nucleus record is queued with the
 //!   domain's name ([`Driver::take_lines`]), at most [`MAX_LINES`] (older
 //!   lines are dropped and counted).
@@ -37,29 +42,27 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
+use metta_nucleus::accounting::{self, Counters, PeriodLog, RunState};
+use metta_nucleus::routing::{Local, ReplyTokens};
 use metta_nucleus::{
     Caps, DomainId, FuelRate, Image, LoadError, LogOrigin, Message, Nucleus, Outcome, Outgoing,
-    ReplyToken, Snapshot, SpawnError, Step, Undeliverable, Why,
+    ReplyToken, Snapshot, SpawnError, Step, Why,
 };
 use metta_proto::{Contract, DomainRuntime};
+
+pub use metta_nucleus::accounting::{PeriodRecord, DELIVERY_WINDOW, PERIOD_RECORDS};
+pub use metta_nucleus::routing::MAX_TOKENS;
 
 use crate::stats::{ewma_rate, rate_per_scale, RATE_SCALE_NS};
 
 /// Activations shorter than this (wall time) are not used to recalibrate:
 /// their time is mostly call overhead, not fuel.
 pub const RECAL_MIN_NS: u64 = 100_000;
-/// Outstanding reply tokens kept; beyond this the oldest are forgotten.
-pub const MAX_TOKENS: usize = 65_536;
-/// Per-period records kept per domain.
-pub const PERIOD_RECORDS: usize = 1_024;
 /// Log lines queued for the console before the oldest are dropped.
 pub const MAX_LINES: usize = 4_096;
 /// Outbound messages ([`Config::outbound`]) queued before new ones are
 /// dropped (and noted in the sender's log).
 pub const MAX_OUTBOUND: usize = 1_024;
-/// Complete periods `delivered_ppm` is computed over (as hosted's
-/// `DELIVERY_WINDOW`).
-pub const DELIVERY_WINDOW: usize = 10;
 
 /// Driver settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,23 +121,6 @@ impl fmt::Display for DriverError {
     }
 }
 
-/// One period of one domain, as observed by the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeriodRecord {
-    /// Start of the scheduler period, ns.
-    pub start_ns: u64,
-    /// First activation in the period minus `start_ns`, ns.
-    pub latency_ns: u64,
-    /// Activations in the period.
-    pub activations: u64,
-    /// Wall time of its activations in the period, ns.
-    pub cpu_ns_real: u64,
-    /// Charged time in the period, ns.
-    pub cpu_ns_charged: u64,
-    /// Charged time given as guaranteed time, ns.
-    pub guaranteed_ns: u64,
-}
-
 /// What the driver keeps about a domain.
 #[derive(Debug, Clone)]
 pub struct DomainRecord {
@@ -156,7 +142,7 @@ pub struct DomainRecord {
     pub undelivered: u64,
     /// The last [`PERIOD_RECORDS`] periods, oldest first (the current one
     /// last).
-    pub periods: VecDeque<PeriodRecord>,
+    pub periods: PeriodLog,
 }
 
 /// A log line for the console.
@@ -237,8 +223,7 @@ pub struct Driver {
     cfg: Config,
     names: BTreeMap<String, DomainId>,
     doms: BTreeMap<DomainId, DomainRecord>,
-    tokens: BTreeMap<u64, Dest>,
-    next_token: u64,
+    tokens: ReplyTokens<Dest>,
     /// Start-up rate and the EWMA, fuel per [`RATE_SCALE_NS`].
     base_rate: u64,
     ewma_rate: u64,
@@ -272,8 +257,7 @@ impl Driver {
             cfg,
             names: BTreeMap::new(),
             doms: BTreeMap::new(),
-            tokens: BTreeMap::new(),
-            next_token: 1,
+            tokens: ReplyTokens::new(),
             base_rate: base,
             ewma_rate: base,
             lines: VecDeque::new(),
@@ -368,7 +352,7 @@ impl Driver {
                 guaranteed_ns: 0,
                 extra_ns: 0,
                 undelivered: 0,
-                periods: VecDeque::new(),
+                periods: PeriodLog::new(PERIOD_RECORDS),
             },
         );
     }
@@ -385,15 +369,15 @@ impl Driver {
         now: u64,
     ) -> Result<(), DriverError> {
         let id = self.id(name)?;
-        let token = self.mint(Dest::Kernel(tag, id));
+        let token = self.tokens.mint(Dest::Kernel(tag, id));
         let msg = Message {
             channel: channel.to_string(),
             payload: payload.to_vec(),
             reply: Some(token),
         };
         self.n.deliver(id, msg, now).map_err(|e| {
-            self.tokens.remove(&token.0);
-            DriverError::Undeliverable(undeliverable_why(&e))
+            self.tokens.take(token.0);
+            DriverError::Undeliverable(e.why())
         })
     }
 
@@ -414,21 +398,21 @@ impl Driver {
         };
         self.n
             .deliver(id, msg, now)
-            .map_err(|e| DriverError::Undeliverable(undeliverable_why(&e)))
+            .map_err(|e| DriverError::Undeliverable(e.why()))
     }
 
     /// Delivers `payload`, the answer to the outbound message that carried
     /// `token`, to its sender on the same channel name (as a local answer
     /// is delivered). Each token is redeemed once.
     pub fn answer(&mut self, token: u64, payload: Vec<u8>, now: u64) -> Result<(), DriverError> {
-        let (to, channel) = match self.tokens.remove(&token) {
+        // A token that is not an outbound message's is not ours to redeem:
+        // it stays.
+        let (to, channel) = match self
+            .tokens
+            .take_if(token, |d| matches!(d, Dest::Remote(..)))
+        {
             Some(Dest::Remote(to, channel)) => (to, channel),
-            Some(other) => {
-                // Not ours to redeem: put it back.
-                self.tokens.insert(token, other);
-                return Err(DriverError::StaleToken(token));
-            }
-            None => return Err(DriverError::StaleToken(token)),
+            _ => return Err(DriverError::StaleToken(token)),
         };
         let msg = Message {
             channel,
@@ -437,7 +421,7 @@ impl Driver {
         };
         self.n
             .deliver(to, msg, now)
-            .map_err(|e| DriverError::Undeliverable(undeliverable_why(&e)))
+            .map_err(|e| DriverError::Undeliverable(e.why()))
     }
 
     /// Outbound messages ([`Config::outbound`]), oldest first: at most
@@ -472,7 +456,7 @@ impl Driver {
         self.names.remove(name);
         self.doms.remove(&id);
         let mut orphaned = Vec::new();
-        self.tokens.retain(|_, d| {
+        self.tokens.retain(|d| {
             if d.domain() != id {
                 return true;
             }
@@ -490,7 +474,7 @@ impl Driver {
     }
 
     /// The runtime row of domain `id` (`mettactl ps`), as incarnation
-    /// `epoch`; see [`runtime_row`].
+    /// `epoch`: [`accounting::runtime_row`], as hosted lanes compute it.
     pub fn runtime(&self, id: DomainId, epoch: u64) -> Option<DomainRuntime> {
         let d = self.n.domain(id)?;
         let rec = self.doms.get(&id)?;
@@ -499,12 +483,18 @@ impl Driver {
             None if self.n.scheduler().entry(id).is_some_and(|e| e.runnable) => RunState::Running,
             None => RunState::Waiting,
         };
-        Some(runtime_row(
-            rec,
-            epoch,
-            state,
-            d.stats(),
-            d.memory().len() as u64,
+        let stats = d.stats();
+        let counters = Counters {
+            cpu_ns: stats.cpu_ns,
+            activations: stats.activations,
+            memory_bytes: d.memory().len() as u64,
+            undelivered: rec.undelivered,
+            spawned_ns: rec.spawned_ns,
+            first_activation_ns: rec.first_activation_ns,
+        };
+        let figures = rec.periods.figures(rec.contract.slice_ns);
+        Some(accounting::runtime_row(
+            &rec.name, epoch, state, &counters, figures,
         ))
     }
 
@@ -588,42 +578,11 @@ impl Driver {
             Why::Extra => st.extra_ns += charged,
         }
         // A domain that trapped has left the scheduler: no period to book.
-        let Some(e) = entry else {
-            return;
-        };
-        let ps = period_of_run(e.period_start, e.contract.period_ns, start);
-        let guaranteed = if why == Why::Guaranteed { charged } else { 0 };
-        match st.periods.back_mut() {
-            Some(r) if r.start_ns == ps => {
-                r.activations += 1;
-                r.cpu_ns_real += real;
-                r.cpu_ns_charged += charged;
-                r.guaranteed_ns += guaranteed;
-            }
-            _ => {
-                if st.periods.len() >= PERIOD_RECORDS {
-                    st.periods.pop_front();
-                }
-                st.periods.push_back(PeriodRecord {
-                    start_ns: ps,
-                    latency_ns: start.saturating_sub(ps),
-                    activations: 1,
-                    cpu_ns_real: real,
-                    cpu_ns_charged: charged,
-                    guaranteed_ns: guaranteed,
-                });
-            }
+        if let Some(e) = entry {
+            let period = e.contract.period_ns;
+            st.periods
+                .book(e.period_start, period, start, real, charged, why);
         }
-    }
-
-    fn mint(&mut self, dest: Dest) -> ReplyToken {
-        if self.tokens.len() >= MAX_TOKENS {
-            self.tokens.pop_first();
-        }
-        let t = self.next_token;
-        self.next_token += 1;
-        self.tokens.insert(t, dest);
-        ReplyToken(t)
     }
 
     /// Routes every outgoing message; returns how many were delivered.
@@ -637,7 +596,7 @@ impl Driver {
                 reply,
             } = out;
             match reply {
-                Some(ReplyToken(t)) => match self.tokens.remove(&t) {
+                Some(ReplyToken(t)) => match self.tokens.take(t) {
                     Some(Dest::Kernel(tag, _)) => self.answers.push((tag, payload)),
                     // (A domain only answers tokens it was given: a remote
                     // one never reaches a local domain.)
@@ -649,36 +608,23 @@ impl Driver {
                         };
                         match self.n.deliver(to, msg, now) {
                             Ok(()) => delivered += 1,
-                            Err(e) => self.undelivered(from, &channel, undeliverable_why(&e), now),
+                            Err(e) => self.undelivered(from, &channel, e.why(), now),
                         }
                     }
                     None => self.undelivered(from, &channel, "stale reply token", now),
                 },
                 None => {
-                    let candidates = self
-                        .n
-                        .domains()
-                        .map(|(id, d)| (id, d.caps(), d.failure().is_none()));
-                    match route_to(from, &channel, candidates) {
-                        Some(to) => {
-                            let token = self.mint(Dest::Domain(from, channel.clone()));
-                            let msg = Message {
-                                channel: channel.clone(),
-                                payload,
-                                reply: Some(token),
-                            };
-                            match self.n.deliver(to, msg, now) {
-                                Ok(()) => delivered += 1,
-                                Err(e) => {
-                                    self.tokens.remove(&token.0);
-                                    self.undelivered(from, &channel, undeliverable_why(&e), now);
-                                }
-                            }
-                        }
-                        None if self.cfg.outbound => {
+                    let dest = Dest::Domain(from, channel.clone());
+                    match self
+                        .tokens
+                        .send_local(&mut self.n, from, &channel, payload, dest, now)
+                    {
+                        Local::Delivered(_) => delivered += 1,
+                        Local::Refused(e) => self.undelivered(from, &channel, e.why(), now),
+                        Local::NoRoute(payload) if self.cfg.outbound => {
                             self.queue_outbound(from, channel, payload, now)
                         }
-                        None => self.undelivered(from, &channel, "no route", now),
+                        Local::NoRoute(_) => self.undelivered(from, &channel, "no route", now),
                     }
                 }
             }
@@ -695,7 +641,7 @@ impl Driver {
             self.undelivered(from, &channel, "outbound queue full", now);
             return;
         }
-        let token = self.mint(Dest::Remote(from, channel.clone()));
+        let token = self.tokens.mint(Dest::Remote(from, channel.clone()));
         self.outbound.push_back(Outbound {
             from: name,
             channel,
@@ -742,121 +688,6 @@ impl Driver {
     }
 }
 
-/// Why a message could not be queued.
-fn undeliverable_why(e: &Undeliverable) -> &'static str {
-    match e {
-        Undeliverable::Full(_) => "inbox full",
-        Undeliverable::TooBig(_) => "too big",
-        Undeliverable::Failed(_) => "receiver failed",
-        Undeliverable::NoSuchDomain(_) => "no receiver",
-    }
-}
-
-/// The domain that serves `channel` for a message from `from`, among
-/// `candidates` (`(id, capabilities, alive)`): the other live domain whose
-/// channel capability covers the name with the longest prefix; among equals
-/// the lowest id. (The nucleus does not say which names a domain has opened,
-/// so the capability is what says it may serve the name.)
-pub fn route_to<'a>(
-    from: DomainId,
-    channel: &str,
-    candidates: impl Iterator<Item = (DomainId, &'a Caps, bool)>,
-) -> Option<DomainId> {
-    candidates
-        .filter(|&(id, _, alive)| id != from && alive)
-        .filter_map(|(id, caps, _)| {
-            let best = caps
-                .channels
-                .iter()
-                .filter(|p| Caps::with_channels([p.as_str()]).may_open(channel))
-                .map(String::len)
-                .max()?;
-            Some((best, id))
-        })
-        .max_by_key(|&(len, id)| (len, core::cmp::Reverse(id)))
-        .map(|(_, id)| id)
-}
-
-/// How a domain stands, for [`runtime_row`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState<'a> {
-    /// It has work.
-    Running,
-    /// It waits for a message or its timer.
-    Waiting,
-    /// It trapped, for this reason.
-    Failed(&'a str),
-}
-
-/// The `mettactl ps` row of a domain, computed as `control/src/domains.rs`
-/// does for a hosted lane: CPU delivered over the last
-/// [`DELIVERY_WINDOW`] complete periods as ppm of the slice; the 5th
-/// percentile of the charged and the wall-clock share per period and the
-/// 99th of the activation latency over all complete periods kept (the
-/// last record is the period under way and is left out); `starting` until
-/// the first activation has ended.
-pub fn runtime_row(
-    rec: &DomainRecord,
-    epoch: u64,
-    state: RunState<'_>,
-    stats: &metta_nucleus::Stats,
-    memory_bytes: u64,
-) -> DomainRuntime {
-    let slice = rec.contract.slice_ns;
-    let complete: Vec<&PeriodRecord> = rec.periods.iter().rev().skip(1).collect();
-    let window = &complete[..complete.len().min(DELIVERY_WINDOW)];
-    let delivered_ppm = (!window.is_empty() && slice > 0).then(|| {
-        let used: u64 = window.iter().map(|p| p.cpu_ns_charged).sum();
-        crate::stats::ppm(used, slice * window.len() as u64)
-    });
-    let share = |ns: u64| crate::stats::ppm(ns, slice.max(1));
-    let p = |mut v: Vec<u64>, permille: u64| {
-        (!v.is_empty()).then(|| crate::stats::percentile(&mut v, permille))
-    };
-    let shares = complete.iter().map(|r| share(r.cpu_ns_charged)).collect();
-    let real = complete.iter().map(|r| share(r.cpu_ns_real)).collect();
-    let latencies = complete
-        .iter()
-        .filter(|r| r.activations > 0)
-        .map(|r| r.latency_ns / 1_000)
-        .collect();
-    let state = match state {
-        RunState::Failed(why) => format!("failed: {why}"),
-        _ if rec.first_activation_ns.is_none() => "starting".to_string(),
-        RunState::Running => "running".to_string(),
-        RunState::Waiting => "waiting".to_string(),
-    };
-    DomainRuntime {
-        name: rec.name.clone(),
-        epoch,
-        state,
-        cpu_ns: stats.cpu_ns,
-        delivered_ppm,
-        activations: stats.activations,
-        memory_bytes,
-        start_us: rec
-            .first_activation_ns
-            .map(|f| f.saturating_sub(rec.spawned_ns) / 1_000),
-        periods: complete.len() as u32,
-        delivered_p5_ppm: p(shares, 50),
-        real_p5_ppm: p(real, 50),
-        latency_p99_us: p(latencies, 990),
-        undelivered: rec.undelivered,
-    }
-}
-
-/// The start of the period a run that began at `start` belongs to, given the
-/// scheduler's current `period_start` (the charge may have rolled it past the
-/// run) and the period length.
-pub fn period_of_run(period_start: u64, period_ns: u64, start: u64) -> u64 {
-    let p = period_ns.max(1);
-    if period_start > start {
-        period_start.saturating_sub((period_start - start).div_ceil(p) * p)
-    } else {
-        period_start
-    }
-}
-
 /// How a domain fared against its contract over the complete periods that
 /// ended by `end_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -889,13 +720,14 @@ pub struct ContractReport {
 /// periods (ending by `end_ns`) got at least `min_ppm` of the slice as
 /// guaranteed time.
 pub fn contract_report(
-    periods: &VecDeque<PeriodRecord>,
+    periods: &PeriodLog,
     contract: &Contract,
     end_ns: u64,
     min_ppm: u64,
 ) -> ContractReport {
     let p = contract.period_ns.max(1);
     let complete: Vec<&PeriodRecord> = periods
+        .records()
         .iter()
         .filter(|r| r.start_ns.saturating_add(p) <= end_ns)
         .collect();
@@ -919,8 +751,8 @@ pub fn contract_report(
         charged_ns: complete.iter().map(|r| r.cpu_ns_charged).sum(),
         guaranteed_ns: complete.iter().map(|r| r.guaranteed_ns).sum(),
         real_ns: complete.iter().map(|r| r.cpu_ns_real).sum(),
-        p50_latency_ns: crate::stats::percentile(&mut latencies, 500),
-        p99_latency_ns: crate::stats::percentile(&mut latencies, 990),
+        p50_latency_ns: accounting::percentile(&mut latencies, 500),
+        p99_latency_ns: accounting::percentile(&mut latencies, 990),
         max_latency_ns: latencies.iter().copied().max().unwrap_or(0),
     }
 }
@@ -974,62 +806,6 @@ mod tests {
     }
 
     #[test]
-    fn routes_by_longest_prefix_to_another_live_domain() {
-        let a = caps(&["/svc"]);
-        let b = caps(&["/svc/counter"]);
-        let c = caps(&["/"]);
-        let all = || {
-            [
-                (DomainId(1), &a, true),
-                (DomainId(2), &b, true),
-                (DomainId(3), &c, true),
-            ]
-            .into_iter()
-        };
-        assert_eq!(
-            route_to(DomainId(9), "/svc/counter", all()),
-            Some(DomainId(2))
-        );
-        // Never to the sender itself.
-        assert_eq!(
-            route_to(DomainId(2), "/svc/counter", all()),
-            Some(DomainId(1))
-        );
-        assert_eq!(
-            route_to(DomainId(9), "/svc/other", all()),
-            Some(DomainId(1))
-        );
-        assert_eq!(route_to(DomainId(9), "/tmp", all()), Some(DomainId(3)));
-        // Segment boundaries; failed domains; ties go to the lowest id.
-        assert_eq!(
-            route_to(DomainId(9), "/svcx", [(DomainId(1), &a, true)].into_iter()),
-            None
-        );
-        assert_eq!(
-            route_to(
-                DomainId(9),
-                "/svc/counter",
-                [(DomainId(2), &b, false)].into_iter()
-            ),
-            None
-        );
-        let b2 = b.clone();
-        let tie = [(DomainId(5), &b2, true), (DomainId(4), &b, true)];
-        assert_eq!(
-            route_to(DomainId(9), "/svc/counter", tie.into_iter()),
-            Some(DomainId(4))
-        );
-    }
-
-    #[test]
-    fn periods_of_runs() {
-        assert_eq!(period_of_run(100, 10, 105), 100);
-        assert_eq!(period_of_run(110, 10, 105), 100);
-        assert_eq!(period_of_run(130, 10, 105), 100);
-        assert_eq!(period_of_run(0, 0, 5), 0);
-    }
-
-    #[test]
     fn contract_reports_count_missing_periods() {
         let c = contract(2, 10, false);
         let rec = |start_ms: u64, got_us: u64, lat_us: u64| PeriodRecord {
@@ -1041,13 +817,15 @@ mod tests {
             guaranteed_ns: got_us * 1_000,
         };
         // Periods at 0, 10, (20 missing), 30; 40 is still running at 45 ms.
-        let p: VecDeque<_> = [
-            rec(0, 2_000, 5),
-            rec(10, 1_700, 50),
-            rec(30, 1_900, 10),
-            rec(40, 100, 1),
-        ]
-        .into();
+        let p = PeriodLog::with_records(
+            PERIOD_RECORDS,
+            [
+                rec(0, 2_000, 5),
+                rec(10, 1_700, 50),
+                rec(30, 1_900, 10),
+                rec(40, 100, 1),
+            ],
+        );
         let r = contract_report(&p, &c, 45_000_000, 900_000);
         assert_eq!(r.periods, 4);
         assert_eq!(r.met, 2);
@@ -1057,7 +835,7 @@ mod tests {
         assert_eq!(r.p50_latency_ns, 10_000);
         assert_eq!(r.p99_latency_ns, 50_000);
         assert_eq!(r.max_latency_ns, 50_000);
-        let r = contract_report(&VecDeque::new(), &c, 45_000_000, 900_000);
+        let r = contract_report(&PeriodLog::default(), &c, 45_000_000, 900_000);
         assert_eq!((r.periods, r.met, r.p99_latency_ns), (0, 0, 0));
     }
 
@@ -1205,7 +983,11 @@ mod tests {
         // A kernel tag's token cannot be redeemed as an outbound answer.
         d.deliver("client", "/svc/counter", b"", 5, clock.0)
             .unwrap();
-        let kernel_token = d.next_token - 1;
+        let kernel_token = d
+            .tokens
+            .iter()
+            .find_map(|(t, dest)| matches!(dest, Dest::Kernel(5, _)).then_some(t))
+            .unwrap();
         assert_eq!(
             d.answer(kernel_token, vec![], clock.0),
             Err(DriverError::StaleToken(kernel_token))
@@ -1303,86 +1085,6 @@ mod tests {
         run(&mut d, &mut clock, 50_000_000);
         // The posted message was counted; it had no token to answer.
         assert_eq!(d.take_answers(), [(3, 2u64.to_le_bytes().to_vec())]);
-    }
-
-    #[test]
-    fn runtime_rows_as_hosted_computes_them() {
-        let c = contract(2, 10, false);
-        let rec = |start_ms: u64, got_us: u64, real_us: u64, lat_us: u64| PeriodRecord {
-            start_ns: start_ms * 1_000_000,
-            latency_ns: lat_us * 1_000,
-            activations: 1,
-            cpu_ns_real: real_us * 1_000,
-            cpu_ns_charged: got_us * 1_000,
-            guaranteed_ns: got_us * 1_000,
-        };
-        // 12 complete periods, then the one under way (left out).
-        let mut periods: VecDeque<PeriodRecord> = (0..12)
-            .map(|i| rec(i * 10, if i == 0 { 1_000 } else { 2_000 }, 1_900, 10 + i))
-            .collect();
-        periods.push_back(rec(120, 100, 100, 999_999));
-        let r = DomainRecord {
-            name: "c1".into(),
-            contract: c,
-            spawned_ns: 5_000_000,
-            first_activation_ns: Some(5_250_000),
-            real_ns: 0,
-            guaranteed_ns: 0,
-            extra_ns: 0,
-            undelivered: 4,
-            periods,
-        };
-        let stats = metta_nucleus::Stats {
-            activations: 13,
-            cpu_ns: 23_100_000,
-            ..Default::default()
-        };
-        let row = runtime_row(&r, 3, RunState::Waiting, &stats, 65_536);
-        assert_eq!(
-            row,
-            DomainRuntime {
-                name: "c1".into(),
-                epoch: 3,
-                state: "waiting".into(),
-                cpu_ns: 23_100_000,
-                // The last 10 complete periods got their full slice (the
-                // half-served first one is outside the window).
-                delivered_ppm: Some(1_000_000),
-                activations: 13,
-                memory_bytes: 65_536,
-                start_us: Some(250),
-                periods: 12,
-                // Nearest rank over 12: the smallest (the first period).
-                delivered_p5_ppm: Some(500_000),
-                real_p5_ppm: Some(950_000),
-                latency_p99_us: Some(21),
-                undelivered: 4,
-            }
-        );
-        assert_eq!(
-            runtime_row(&r, 3, RunState::Failed("boom"), &stats, 0).state,
-            "failed: boom"
-        );
-        assert_eq!(
-            runtime_row(&r, 3, RunState::Running, &stats, 0).state,
-            "running"
-        );
-        let fresh = DomainRecord {
-            first_activation_ns: None,
-            periods: VecDeque::new(),
-            ..r
-        };
-        let row = runtime_row(&fresh, 1, RunState::Running, &Default::default(), 0);
-        assert_eq!(row.state, "starting");
-        assert_eq!(
-            (
-                row.delivered_ppm,
-                row.start_us,
-                row.periods,
-                row.latency_p99_us
-            ),
-            (None, None, 0, None)
-        );
     }
 
     #[test]

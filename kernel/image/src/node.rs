@@ -33,13 +33,14 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use metta_nucleus::routing::ReplyTokens;
 use metta_nucleus::{Caps, DomainId};
 use metta_proto::{
     CapSet, DomainRuntime, Envelope, Heartbeat, NativeDomain, NativeState, NodeId, NodeSync,
     NodeWork, OutboundMessage, ReplyRef, StartDomain,
 };
 
-use crate::driver::{Driver, DriverError, Poll, MAX_OUTBOUND, MAX_TOKENS};
+use crate::driver::{Driver, DriverError, Poll, MAX_OUTBOUND};
 
 /// Log lines kept for the control plane between syncs; beyond this the
 /// oldest are dropped (and counted in `logs_dropped`).
@@ -93,8 +94,7 @@ pub struct Node {
     id: NodeId,
     placed: BTreeMap<String, Placed>,
     /// Kernel tags of delivered messages → where their answers go.
-    replies: BTreeMap<u64, ReplyRef>,
-    next_tag: u64,
+    replies: ReplyTokens<ReplyRef>,
     /// Lines since the last sync was built.
     logs: VecDeque<(String, String)>,
     logs_dropped: u64,
@@ -117,8 +117,7 @@ impl Node {
             driver,
             id,
             placed: BTreeMap::new(),
-            replies: BTreeMap::new(),
-            next_tag: 1,
+            replies: ReplyTokens::new(),
             logs: VecDeque::new(),
             logs_dropped: 0,
             notes: Vec::new(),
@@ -159,7 +158,7 @@ impl Node {
     pub fn step(&mut self, clock: &mut dyn FnMut() -> u64) -> Poll {
         let p = self.driver.poll(clock);
         for (tag, bytes) in self.driver.take_answers() {
-            if let Some(r) = self.replies.remove(&tag) {
+            if let Some(r) = self.replies.take(tag) {
                 self.answers.push((r, bytes));
             }
         }
@@ -296,7 +295,7 @@ impl Node {
             // Its driver record exists while it is placed.
             if let Ok(orphaned) = self.driver.stop(name) {
                 for tag in orphaned {
-                    self.replies.remove(&tag);
+                    self.replies.take(tag);
                 }
             }
         }
@@ -351,7 +350,7 @@ impl Node {
                 let tag = self.mint(r);
                 let res = self.driver.deliver(&to, &channel, &payload, tag, now);
                 if res.is_err() {
-                    self.replies.remove(&tag);
+                    self.replies.take(tag);
                 }
                 res.map_err(|e| e.to_string())
             }
@@ -371,13 +370,7 @@ impl Node {
     }
 
     fn mint(&mut self, r: ReplyRef) -> u64 {
-        if self.replies.len() >= MAX_TOKENS {
-            self.replies.pop_first();
-        }
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        self.replies.insert(tag, r);
-        tag
+        self.replies.mint(r).0
     }
 
     /// Every placed domain as it stands.
@@ -416,21 +409,9 @@ impl Node {
             .iter()
             .filter_map(|(name, p)| match &p.state {
                 Run::Spawned(id) => self.driver.runtime(*id, p.epoch),
-                Run::StartFailed(why) => Some(DomainRuntime {
-                    name: name.clone(),
-                    epoch: p.epoch,
-                    state: format!("start failed: {why}"),
-                    cpu_ns: 0,
-                    delivered_ppm: None,
-                    activations: 0,
-                    memory_bytes: 0,
-                    start_us: None,
-                    periods: 0,
-                    delivered_p5_ppm: None,
-                    real_p5_ppm: None,
-                    latency_p99_us: None,
-                    undelivered: 0,
-                }),
+                Run::StartFailed(why) => {
+                    Some(DomainRuntime::start_failed(name.clone(), p.epoch, why))
+                }
             })
             .collect()
     }

@@ -1,6 +1,7 @@
-//! Small arithmetic the native driver and the self-tests share: medians and
-//! percentiles, fuel-rate calibration, shares of a slice. Integers only (the
-//! kernel is soft-float).
+//! Small arithmetic the native driver and the self-tests share: medians,
+//! fuel-rate calibration, shares of a slice. Integers only (the kernel is
+//! soft-float). Percentiles and ppm are the nucleus's
+//! (`metta_nucleus::accounting`), shared with the hosted driver.
 
 /// Fixed point of fuel rates: fuel per this many ns (as `control/src/hosted.rs`).
 pub const RATE_SCALE_NS: u64 = 1_000_000;
@@ -10,19 +11,6 @@ pub const RATE_SCALE_NS: u64 = 1_000_000;
 pub fn median(values: &mut [u64]) -> u64 {
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or(0)
-}
-
-/// The `permille`/1000 quantile of `values` by the nearest-rank method (the
-/// smallest value with at least that fraction of values at or below it);
-/// sorts them. 0 if empty.
-pub fn percentile(values: &mut [u64], permille: u64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
-    values.sort_unstable();
-    let n = values.len() as u64;
-    let rank = (permille.min(1000) * n).div_ceil(1000).max(1);
-    values[(rank - 1) as usize]
 }
 
 /// Fuel per [`RATE_SCALE_NS`] for `fuel` burnt in `ns` (at least 1).
@@ -53,14 +41,6 @@ pub fn share_met(got_ns: u64, slice_ns: u64, min_ppm: u64) -> bool {
     u128::from(got_ns) * 1_000_000 >= u128::from(slice_ns) * u128::from(min_ppm)
 }
 
-/// `part / whole` in parts per million (0 if `whole` is 0).
-pub fn ppm(part: u64, whole: u64) -> u64 {
-    if whole == 0 {
-        return 0;
-    }
-    u64::try_from(u128::from(part) * 1_000_000 / u128::from(whole)).unwrap_or(u64::MAX)
-}
-
 /// Parts per million as a percentage with one decimal, for reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Percent(pub u64);
@@ -77,22 +57,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn medians_and_percentiles() {
+    fn medians() {
         assert_eq!(median(&mut []), 0);
         assert_eq!(median(&mut [5]), 5);
         assert_eq!(median(&mut [9, 1, 5]), 5);
         assert_eq!(median(&mut [4, 1, 3, 2]), 3);
-        let mut v: Vec<u64> = (1..=100).rev().collect();
-        assert_eq!(percentile(&mut v, 990), 99);
-        assert_eq!(percentile(&mut v, 1000), 100);
-        assert_eq!(percentile(&mut v, 500), 50);
-        assert_eq!(percentile(&mut v, 0), 1);
-        let mut v = [7, 3];
-        assert_eq!(percentile(&mut v, 990), 7);
-        assert_eq!(percentile(&mut [], 990), 0);
-        // 1,000 values: p99 is the 990th smallest.
-        let mut v: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&mut v, 990), 990);
     }
 
     #[test]
@@ -126,8 +95,6 @@ mod tests {
     fn shares() {
         assert!(share_met(1_800_000, 2_000_000, 900_000));
         assert!(!share_met(1_799_999, 2_000_000, 900_000));
-        assert_eq!(ppm(1, 4), 250_000);
-        assert_eq!(ppm(1, 0), 0);
         assert_eq!(Percent(987_654).to_string(), "98.8%");
         assert_eq!(Percent(1_000_000).to_string(), "100.0%");
         assert_eq!(Percent(0).to_string(), "0.0%");

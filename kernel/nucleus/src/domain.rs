@@ -132,6 +132,17 @@ impl Undeliverable {
             | Undeliverable::NoSuchDomain(m) => m,
         }
     }
+
+    /// Why, in the words a driver notes in the sender's log: `inbox full`,
+    /// `too big`, `receiver failed`, `no receiver`.
+    pub fn why(&self) -> &'static str {
+        match self {
+            Undeliverable::Full(_) => "inbox full",
+            Undeliverable::TooBig(_) => "too big",
+            Undeliverable::Failed(_) => "receiver failed",
+            Undeliverable::NoSuchDomain(_) => "no receiver",
+        }
+    }
 }
 
 /// How an activation ended.

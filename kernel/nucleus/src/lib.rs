@@ -32,6 +32,11 @@
 //!   wake-up rule that keeps guarantees when domains sleep and wake.
 //! - [`Nucleus`]: ties the scheduler, the domains and the fuel rate together
 //!   behind `spawn` / `deliver` / `step(now)` / `stop`.
+//! - [`accounting`] and [`routing`]: what both drivers (hosted `mettad` and
+//!   the bare-metal kernel) keep around the nucleus, shared so they agree:
+//!   per-period records of each domain's activations and the `mettactl ps`
+//!   figures computed from them; which local domain serves a channel name,
+//!   and the table of outstanding reply tokens.
 //! - [`Snapshot`] (`snapshot`, `merkle`): a domain's state between
 //!   activations — memory, every mutable global, queues, channels, timer —
 //!   with a blake3 Merkle root over 64 KiB chunks that [`Domain::restore`]
@@ -56,11 +61,13 @@
 
 extern crate alloc;
 
+pub mod accounting;
 mod domain;
 mod host;
 mod image;
 mod merkle;
 mod nucleus;
+pub mod routing;
 mod sched;
 mod snapshot;
 mod types;
