@@ -104,6 +104,14 @@ native() {
     sleep 0.1
   done
   grep "joined cluster" "$serial" || { echo "not joined after 30 s; see $serial" >&2; exit 1; }
+  # Up once it syncs (after its fuel calibration).
+  for _ in $(seq 1 100); do
+    "$BIN/mettactl" nodes -o json | python3 -c '
+import json, sys
+sys.exit(0 if any(n["name"] == sys.argv[1] and n["status"] == "up" for n in json.load(sys.stdin)) else 1)
+' "$name" && break
+    sleep 0.1
+  done
   "$BIN/mettactl" nodes
 }
 

@@ -52,6 +52,8 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// A link with no sync for this long is no longer this node's to serve:
 /// calls go to the node's registered address again.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node silent for longer than this (the liveness window) gets no calls.
+pub const SILENT: Duration = Duration::from_secs(3);
 /// Runtime figures younger than this answer `ps` without asking the node.
 const STATS_FRESH: Duration = Duration::from_millis(500);
 /// How long `ps` waits for a native node's figures.
@@ -503,6 +505,15 @@ impl NativeLinks {
                 {
                     let links = self.links();
                     let l = links.get(&node).ok_or_else(|| not_linked(node))?;
+                    // A node that stopped syncing will not answer: say so
+                    // now rather than after the caller's timeout.
+                    if let Some(since) = l.last_sync.map(|t| t.elapsed()).filter(|e| *e > SILENT) {
+                        // (Not `Unavailable`: clients retry that.)
+                        return Err(ApiError::Domain(format!(
+                            "{name}: its native node/{node} has not synced for {} s (is it up?)",
+                            since.as_secs()
+                        )));
+                    }
                     match l.reported.iter().find(|d| d.name == name) {
                         None => {
                             return Err(ApiError::NotFound(format!(
@@ -880,6 +891,37 @@ mod tests {
         // Without a number, nothing is promised and everything is taken.
         assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
         assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_to_a_silent_node_fails_at_once() {
+        let links = NativeLinks::new(Arc::new(RwLock::new(Registry::default())));
+        links.report(
+            7,
+            &mut NodeSync {
+                domains: vec![rep("c1", 1)],
+                ..NodeSync::default()
+            },
+        );
+        links.links().get_mut(&7).unwrap().last_sync =
+            Some(Instant::now() - SILENT - Duration::from_secs(1));
+        let t = Instant::now();
+        let r = links
+            .serve(
+                7,
+                NodeCall::Call {
+                    name: "c1".into(),
+                    channel: "/svc/counter".into(),
+                    payload: vec![],
+                    timeout_ms: 5_000,
+                },
+            )
+            .await;
+        assert!(
+            matches!(&r, Err(ApiError::Domain(m)) if m.contains("has not synced for 4 s")),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test]
