@@ -729,8 +729,10 @@ enum Dest {
     /// The same, for a message handed to the outbound hook: only
     /// [`HostedNucleus::answer`] redeems it.
     Remote(DomainId, String),
-    /// A message from outside: to this callback (or nowhere).
-    External(Option<AnswerFn>),
+    /// A message from outside to this domain: its answer to this callback
+    /// (or nowhere). Stopping the domain drops the callback, so its caller
+    /// learns at once that no answer will come.
+    External(DomainId, Option<AnswerFn>),
 }
 
 struct Driver {
@@ -935,8 +937,8 @@ impl Driver {
             let now = self.now();
             match reply {
                 Some(ReplyToken(t)) => match self.tokens.take(t) {
-                    Some(Dest::External(Some(f))) => f(payload),
-                    Some(Dest::External(None)) => {}
+                    Some(Dest::External(_, Some(f))) => f(payload),
+                    Some(Dest::External(_, None)) => {}
                     // A remote token never reaches a local domain; were it
                     // to, it would go where it says.
                     Some(Dest::Domain(to, ch) | Dest::Remote(to, ch)) => {
@@ -1062,7 +1064,7 @@ impl Driver {
                 ack,
             } => {
                 let r = self.id_of(&name).and_then(|id| {
-                    let token = self.tokens.mint(Dest::External(answer));
+                    let token = self.tokens.mint(Dest::External(id, answer));
                     let msg = Message {
                         channel,
                         payload,
@@ -1128,9 +1130,9 @@ impl Driver {
                             f(Err("stopped before its first activation".into()));
                         }
                     }
-                    self.tokens.retain(
-                        |d| !matches!(d, Dest::Domain(to, _) | Dest::Remote(to, _) if *to == id),
-                    );
+                    self.tokens.retain(|d| {
+                        !matches!(d, Dest::Domain(to, _) | Dest::Remote(to, _) | Dest::External(to, _) if *to == id)
+                    });
                 });
                 let _ = tx.send(r);
             }
@@ -1589,6 +1591,32 @@ mod tests {
         ));
     }
 
+    /// Stopping a domain drops the callbacks of the messages it did not
+    /// answer: their callers learn at once that no answer will come.
+    #[test]
+    fn stopping_a_domain_releases_its_unanswered_callers() {
+        let h = HostedNucleus::start(test_config()).unwrap();
+        let greedy = wat::parse_str(GREEDY).unwrap();
+        h.spawn(
+            "g",
+            &greedy,
+            contract(1, 10, false),
+            Caps::with_channels(["/svc/g"]),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let on_answer: AnswerFn = Box::new(move |a| {
+            let _ = tx.send(a);
+        });
+        h.deliver_with("g", "/svc/g", b"never answered", Some(on_answer))
+            .unwrap();
+        h.stop("g").unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
+    }
+
     #[test]
     fn on_started_reports_the_first_activation_or_why_not() {
         let h = HostedNucleus::start(test_config()).unwrap();
@@ -1697,7 +1725,7 @@ mod tests {
         });
         let id = r.recv().unwrap().unwrap();
         let local = d.tokens.mint(Dest::Domain(id, "/x".into())).0;
-        let external = d.tokens.mint(Dest::External(None)).0;
+        let external = d.tokens.mint(Dest::External(id, None)).0;
         let remote = d.tokens.mint(Dest::Remote(id, "/x".into())).0;
         for t in [local, external] {
             assert!(matches!(
