@@ -109,6 +109,25 @@ pub(crate) struct RunArgs {
     pub(crate) output: Output,
 }
 
+impl RunArgs {
+    /// A fresh temporary directory for run `run` (of `runs`) in
+    /// `--work-dir`, announced on stderr.
+    pub(crate) fn run_dir(
+        &self,
+        prefix: &str,
+        run: usize,
+        runs: usize,
+    ) -> anyhow::Result<tempfile::TempDir> {
+        let parent = self.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&parent)
+            .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+        eprintln!("run {}/{}: in {}", run + 1, runs, tmp.path().display());
+        Ok(tmp)
+    }
+}
+
 /// Options of the registry write benchmark (the default mode).
 #[derive(Debug, clap::Args)]
 struct Args {

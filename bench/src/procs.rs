@@ -209,6 +209,41 @@ pub async fn wait_quiet(max_cores: f64, timeout: Duration) -> bool {
     }
 }
 
+/// How long `--quiet` waits for the machine at most, per attempt.
+pub const QUIET_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How often `--quiet` tries one measurement.
+pub const MAX_ATTEMPTS: usize = 5;
+
+/// The noise control of `--quiet <cores>`: before each attempt of `measure`
+/// (given the attempt number, from 1) waits (up to [`QUIET_TIMEOUT`]) until
+/// the machine is below `quiet` busy cores, and measures again (up to
+/// [`MAX_ATTEMPTS`] times) while other processes used more than that
+/// meanwhile (`noise` of the result). Without `quiet`, measures once.
+pub async fn quietly<T, Fut>(
+    quiet: Option<f64>,
+    mut measure: impl FnMut(usize) -> Fut,
+    noise: impl Fn(&T) -> f64,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        if let Some(q) = quiet {
+            wait_quiet(q, QUIET_TIMEOUT).await;
+        }
+        let r = measure(attempt).await?;
+        let other = noise(&r);
+        match quiet {
+            Some(q) if other > q && attempt < MAX_ATTEMPTS => {
+                eprintln!("  other processes used {other:.2} cores meanwhile: again");
+                attempt += 1;
+            }
+            _ => return Ok(r),
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::cfs::{self, LinuxRun};
 use crate::metta::{self, contract, ClusterOpts, MettaCluster};
-use crate::procs::{cpu_secs, machine_busy_secs, pin_self, wait_quiet, Procs};
+use crate::procs::{cpu_secs, machine_busy_secs, pin_self, quietly, Procs};
 use crate::stats::Spread;
 use crate::{find_bins, machine_info, parse_duration, Machine};
 
@@ -79,11 +79,6 @@ pub struct QosArgs {
     #[command(flatten)]
     common: crate::RunArgs,
 }
-
-/// How long `--quiet` waits for the machine at most, per side.
-const QUIET_TIMEOUT: Duration = Duration::from_secs(1800);
-/// How often `--quiet` tries a side.
-const MAX_ATTEMPTS: usize = 5;
 
 /// What `ps` reports for the measured domain, converted to % and ms.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -363,16 +358,7 @@ async fn one_run(
     bins: &metta::Bins,
     wasm: &Path,
 ) -> anyhow::Result<RunResult> {
-    let parent = args
-        .common
-        .work_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir);
-    let tmp = tempfile::Builder::new()
-        .prefix("metta-bench-qos-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-    eprintln!("run {}/{}: in {}", run + 1, args.runs, tmp.path().display());
+    let tmp = args.common.run_dir("metta-bench-qos-", run, args.runs)?;
     let mut r = RunResult {
         metta_alone: None,
         metta_loaded: None,
@@ -380,23 +366,18 @@ async fn one_run(
         linux: None,
     };
     if !args.no_metta {
-        let mut attempt = 1;
-        let (a, b, rate) = loop {
-            if let Some(q) = args.quiet {
-                wait_quiet(q, QUIET_TIMEOUT).await;
-            }
-            let dir = tmp.path().join(format!("metta-{attempt}"));
-            std::fs::create_dir_all(&dir)?;
-            let (a, b, rate) = metta_side(args, &dir, bins, wasm).await?;
-            let noise = a.other_cores.max(b.other_cores);
-            match args.quiet {
-                Some(q) if noise > q && attempt < MAX_ATTEMPTS => {
-                    eprintln!("  other processes used {noise:.2} cores meanwhile: again");
-                    attempt += 1;
+        let (a, b, rate) = quietly(
+            args.quiet,
+            |attempt| {
+                let dir = tmp.path().join(format!("metta-{attempt}"));
+                async move {
+                    std::fs::create_dir_all(&dir)?;
+                    metta_side(args, &dir, bins, wasm).await
                 }
-                _ => break (a, b, rate),
-            }
-        };
+            },
+            |(a, b, _)| a.other_cores.max(b.other_cores),
+        )
+        .await?;
         eprintln!(
             "  mettad: alone p5 {:.1} % charged, {:.1} % real, p99 {:.3} ms; \
              +{}: p5 {:.1} % charged, {:.1} % real, p99 {:.3} ms; lane rate {}",
@@ -418,23 +399,12 @@ async fn one_run(
             "  linux: busy loop under CFS 10ms/100ms for {:?} alone, then {:?} with {} busy loops",
             args.duration, args.duration, args.neighbours
         );
-        let mut attempt = 1;
-        let l = loop {
-            if let Some(q) = args.quiet {
-                wait_quiet(q, QUIET_TIMEOUT).await;
-            }
-            let l = linux_side(args, tmp.path()).await?;
-            match args.quiet {
-                Some(q) if l.other_cores > q && attempt < MAX_ATTEMPTS => {
-                    eprintln!(
-                        "  other processes used {:.2} cores meanwhile: again",
-                        l.other_cores
-                    );
-                    attempt += 1;
-                }
-                _ => break l,
-            }
-        };
+        let l = quietly(
+            args.quiet,
+            |_| linux_side(args, tmp.path()),
+            |l| l.other_cores,
+        )
+        .await?;
         eprintln!(
             "  linux: alone p5 {:.1} %, p99 {:.3} ms; +{}: p5 {:.1} %, p99 {:.3} ms; \
              recorder ran {:.0} ms (schedstat {:.0} ms); {} cgroup periods, {} throttled",

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 
 use crate::metta::{self, ClusterOpts, MettaCluster};
-use crate::procs::{cpu_secs, machine_busy_secs, wait_quiet, Procs};
+use crate::procs::{cpu_secs, machine_busy_secs, quietly, Procs};
 use crate::stats::{percentile, Spread};
 use crate::{find_bins, machine_info, Machine};
 
@@ -57,11 +57,6 @@ pub struct StartArgs {
     #[command(flatten)]
     common: crate::RunArgs,
 }
-
-/// How long `--quiet` waits for the machine at most, per cluster.
-const QUIET_TIMEOUT: Duration = Duration::from_secs(1800);
-/// How often `--quiet` tries a cluster.
-const MAX_ATTEMPTS: usize = 5;
 
 /// Percentiles of one series of one run, ms.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -303,38 +298,22 @@ async fn one_run(
     bins: &metta::Bins,
     wasm: &Path,
 ) -> anyhow::Result<RunResult> {
-    let parent = args
-        .common
-        .work_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir);
-    let tmp = tempfile::Builder::new()
-        .prefix("metta-bench-start-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-    eprintln!("run {}/{}: in {}", run + 1, args.runs, tmp.path().display());
+    let tmp = args.common.run_dir("metta-bench-start-", run, args.runs)?;
     let mut clusters = Vec::new();
     let sizes: &[usize] = if args.no_three { &[1] } else { &[1, 3] };
     for &nodes in sizes {
-        let mut attempt = 1;
-        let c = loop {
-            if let Some(q) = args.quiet {
-                wait_quiet(q, QUIET_TIMEOUT).await;
-            }
-            let dir = tmp.path().join(format!("c{nodes}-{attempt}"));
-            std::fs::create_dir_all(&dir)?;
-            let c = measure_cluster(args, &dir, bins, wasm, nodes).await?;
-            match args.quiet {
-                Some(q) if c.other_cores > q && attempt < MAX_ATTEMPTS => {
-                    eprintln!(
-                        "  other processes used {:.2} cores meanwhile: again",
-                        c.other_cores
-                    );
-                    attempt += 1;
+        let c = quietly(
+            args.quiet,
+            |attempt| {
+                let dir = tmp.path().join(format!("c{nodes}-{attempt}"));
+                async move {
+                    std::fs::create_dir_all(&dir)?;
+                    measure_cluster(args, &dir, bins, wasm, nodes).await
                 }
-                _ => break c,
-            }
-        };
+            },
+            |c| c.other_cores,
+        )
+        .await?;
         clusters.push(c);
     }
     let process_us = tokio::task::block_in_place(|| process_anchor(args.n))?;

@@ -59,6 +59,37 @@ struct State {
     failed: HashMap<String, (u64, String)>,
 }
 
+/// The reply to a [`NodeCall::Call`]: the answer `rx` brings within
+/// `timeout_ms`; `dropped` says why when its sender went away unanswered.
+pub(crate) async fn answer_within(
+    rx: oneshot::Receiver<Vec<u8>>,
+    timeout_ms: u32,
+    dropped: &str,
+) -> Response {
+    match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), rx).await {
+        Ok(Ok(a)) => Ok(Reply::Answer(a)),
+        Ok(Err(_)) => Err(ApiError::Domain(dropped.into())),
+        Err(_) => Err(ApiError::Domain(format!(
+            "no answer within {timeout_ms} ms"
+        ))),
+    }
+}
+
+/// The reply to a [`NodeCall::WaitStarted`] for `name`: `started` (its
+/// start time, µs) within `timeout_ms`.
+pub(crate) async fn started_within(
+    name: &str,
+    timeout_ms: u32,
+    started: impl std::future::Future<Output = Result<u64, ApiError>>,
+) -> Response {
+    match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), started).await {
+        Ok(r) => r.map(|start_us| Reply::Started { start_us }),
+        Err(_) => Err(ApiError::Domain(format!(
+            "{name} did not start within {timeout_ms} ms"
+        ))),
+    }
+}
+
 /// How a node is reached for a [`NodeCall`] ([`Domains::reach`]).
 #[derive(Debug)]
 pub enum Reach {
@@ -499,30 +530,13 @@ impl Domains {
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
                 .map_err(domain_err)?;
-                match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), rx).await {
-                    Ok(Ok(a)) => Ok(Reply::Answer(a)),
-                    Ok(Err(_)) => Err(ApiError::Domain(
-                        "the domain stopped before answering".into(),
-                    )),
-                    Err(_) => Err(ApiError::Domain(format!(
-                        "no answer within {timeout_ms} ms"
-                    ))),
-                }
+                answer_within(rx, timeout_ms, "the domain stopped before answering").await
             }
             NodeCall::WaitStarted {
                 name,
                 epoch,
                 timeout_ms,
-            } => {
-                let limit = Duration::from_millis(timeout_ms.into());
-                match tokio::time::timeout(limit, self.wait_started(&name, epoch)).await {
-                    Ok(r) => r.map(|start_us| Reply::Started { start_us }),
-                    Err(_) => Err(ApiError::Domain(format!(
-                        "{name} did not start within {} ms",
-                        limit.as_millis()
-                    ))),
-                }
-            }
+            } => started_within(&name, timeout_ms, self.wait_started(&name, epoch)).await,
             NodeCall::Deliver(envs) => {
                 let d = self.clone();
                 tokio::task::spawn_blocking(move || {

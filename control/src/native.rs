@@ -39,6 +39,7 @@ use metta_proto::{
 use tokio::sync::{oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::domains::{answer_within, started_within};
 use crate::registry::{DomainRecord, Registry};
 
 /// Longest a sync is held when there is no work.
@@ -544,33 +545,17 @@ impl NativeLinks {
                         },
                     );
                 })?;
-                let limit = Duration::from_millis(timeout_ms.into());
-                let r = tokio::time::timeout(limit, rx).await;
+                let r = answer_within(rx, timeout_ms, "the call was dropped").await;
                 if let Some(l) = self.links().get_mut(&node) {
                     l.calls.remove(&token);
                 }
-                match r {
-                    Ok(Ok(a)) => Ok(Reply::Answer(a)),
-                    Ok(Err(_)) => Err(ApiError::Domain("the call was dropped".into())),
-                    Err(_) => Err(ApiError::Domain(format!(
-                        "no answer within {timeout_ms} ms"
-                    ))),
-                }
+                r
             }
             NodeCall::WaitStarted {
                 name,
                 epoch,
                 timeout_ms,
-            } => {
-                let limit = Duration::from_millis(timeout_ms.into());
-                match tokio::time::timeout(limit, self.wait_started(node, &name, epoch)).await {
-                    Ok(r) => r.map(|start_us| Reply::Started { start_us }),
-                    Err(_) => Err(ApiError::Domain(format!(
-                        "{name} did not start within {} ms on native node/{node}",
-                        limit.as_millis()
-                    ))),
-                }
-            }
+            } => started_within(&name, timeout_ms, self.wait_started(node, &name, epoch)).await,
             NodeCall::Deliver(envs) => {
                 self.mail(node, |l| {
                     for e in envs {
@@ -797,17 +782,15 @@ mod tests {
         let r = env.reply.expect("a call wants its answer");
         assert_ne!(work.seq, 0, "a batch with a message is numbered");
         let mut answer = NodeSync {
-            domains: first.domains.clone(),
+            domains: vec![NativeDomain {
+                name: "c1".into(),
+                epoch: 1,
+                state: NativeState::Started { start_us: 5 },
+            }],
             answers: vec![(r, b"1".to_vec())],
             work_seq: work.seq,
             ..NodeSync::default()
         };
-        // (report() took the domains out of `first`.)
-        answer.domains = vec![NativeDomain {
-            name: "c1".into(),
-            epoch: 1,
-            state: NativeState::Started { start_us: 5 },
-        }];
         let produced = links.report(node, &mut answer);
         assert!(
             produced.answers.is_empty(),
