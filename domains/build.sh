@@ -10,6 +10,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 manifest="$here/Cargo.toml"
 
+# rustup does not add a pinned toolchain's targets when the toolchain is
+# already installed: add the one this needs (a no-op when present).
+if command -v rustup >/dev/null &&
+    ! (cd "$here" && rustup target list --installed) | grep -qx wasm32-unknown-unknown; then
+    (cd "$here" && rustup target add wasm32-unknown-unknown)
+fi
+
 cargo build --release --target wasm32-unknown-unknown --manifest-path "$manifest" "$@"
 
 target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$manifest" |

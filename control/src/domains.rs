@@ -119,7 +119,19 @@ pub struct Domains {
     changed: Notify,
     routed: mpsc::UnboundedSender<Routed>,
     answers: mpsc::UnboundedSender<(ReplyRef, Vec<u8>)>,
+    /// Which node each reply token (lane, token) minted here went to, so
+    /// only that node can answer it.
+    awaited: Mutex<Awaited>,
 }
+
+/// Most reply tokens remembered for [`Domains::answer_expected_from`] (the
+/// lanes' own token tables forget beyond the same number).
+const AWAITED_MAX: usize = 65_536;
+
+/// Reply tokens (the node that minted it, lane, token) of messages this
+/// node sent on to other nodes, and to which: its own lanes' and, on a
+/// control node, those of the native nodes it links.
+type Awaited = crate::limits::Recent<(NodeId, u32, u64), NodeId>;
 
 impl std::fmt::Debug for Domains {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,6 +180,7 @@ impl Domains {
             changed: Notify::new(),
             routed,
             answers,
+            awaited: Mutex::new(Awaited::new(AWAITED_MAX)),
         });
         tokio::spawn(d.clone().reconcile_loop(applied));
         tokio::spawn(d.clone().route_loop(routed_rx));
@@ -361,6 +374,12 @@ impl Domains {
                 let _ = tokio::task::spawn_blocking(move || d.deliver_local(env)).await;
                 continue;
             }
+            if let Some(r) = env.reply {
+                self.awaited
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((r.node, r.lane, r.token), to_node);
+            }
             let tx = peers.entry(to_node).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(self.clone().peer_loop(to_node, rx));
@@ -430,6 +449,23 @@ impl Domains {
             }
             Some(n) => Reach::Remote(n.addr.clone(), Request::Node(call)),
         }
+    }
+
+    /// Whether the reply token (`minter`, `lane`, `token`) went with a
+    /// message this node sent to `node` (and is not answered yet); a yes is
+    /// taken.
+    pub fn answer_expected_from(
+        &self,
+        minter: NodeId,
+        lane: u32,
+        token: u64,
+        node: NodeId,
+    ) -> bool {
+        self.awaited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_if(&(minter, lane, token), |to| *to == node)
+            .is_some()
     }
 
     /// Sends `env` (from a native domain) on to its domain on `to_node`.

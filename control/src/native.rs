@@ -40,6 +40,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::domains::{answer_within, started_within};
+use crate::limits::Recent;
 use crate::registry::{DomainRecord, Registry};
 
 /// Longest a sync is held when there is no work.
@@ -58,6 +59,9 @@ pub const SILENT: Duration = Duration::from_secs(3);
 /// Runtime figures younger than this answer `ps` without asking the node.
 const STATS_FRESH: Duration = Duration::from_millis(500);
 /// How long `ps` waits for a native node's figures.
+/// Reply tokens of messages delivered to one native node that it may still
+/// answer.
+const AWAITED_MAX: usize = 65_536;
 const STATS_WAIT: Duration = Duration::from_secs(3);
 
 /// A domain's log lines kept here: a ring with sequence numbers.
@@ -134,6 +138,9 @@ struct Link {
     /// Calls relayed to it (`mettactl call`), by the token of their
     /// [`ReplyRef`].
     calls: HashMap<u64, oneshot::Sender<Vec<u8>>>,
+    /// The [`ReplyRef`]s of messages delivered to it: the only answers it
+    /// may send (a native node answers for its own domains, nobody else's).
+    awaited: Recent<(NodeId, u32, u64), ()>,
     /// Wakes its held sync.
     work: Arc<Notify>,
     /// Ticks after every sync it made.
@@ -157,6 +164,7 @@ impl Link {
             stats: None,
             logs: HashMap::new(),
             calls: HashMap::new(),
+            awaited: Recent::new(AWAITED_MAX),
             work: Arc::new(Notify::new()),
             synced: watch::channel(0).0,
         }
@@ -278,6 +286,17 @@ impl NativeLinks {
         {
             let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
             for m in sync.outbound.drain(..) {
+                // A native node speaks only for its own domains, and their
+                // answers come back to it.
+                let own = reg.domains.get(&m.from).is_some_and(|d| d.node == node);
+                if !own || m.reply.is_some_and(|r| r.node != node) {
+                    warn!(
+                        node,
+                        from = %m.from,
+                        "refused: a message for a domain that is not the native node's own, or an answer sent elsewhere"
+                    );
+                    continue;
+                }
                 match reg.route(&m.from, &m.channel) {
                     Some(dest) => produced.messages.push((
                         dest.node,
@@ -309,8 +328,20 @@ impl NativeLinks {
                 if let Some(tx) = l.calls.remove(&r.token) {
                     let _ = tx.send(payload);
                 }
-            } else {
+            } else if l
+                .awaited
+                .take_if(&(r.node, r.lane, r.token), |_| true)
+                .is_some()
+            {
                 produced.answers.push((r, payload));
+            } else {
+                warn!(
+                    node,
+                    to = r.node,
+                    lane = r.lane,
+                    token = r.token,
+                    "refused: an answer to a message the native node was not sent"
+                );
             }
         }
         if sync.logs_dropped > 0 {
@@ -559,6 +590,9 @@ impl NativeLinks {
             NodeCall::Deliver(envs) => {
                 self.mail(node, |l| {
                     for e in envs {
+                        if let Some(r) = e.reply {
+                            l.awaited.insert((r.node, r.lane, r.token), ());
+                        }
                         push_bounded(&mut l.deliver, e);
                     }
                 })?;
@@ -677,7 +711,7 @@ fn not_linked(node: NodeId) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metta_proto::{CapSet, Contract};
+    use metta_proto::{CapSet, Contract, OutboundMessage};
 
     fn rec(name: &str, epoch: u64) -> DomainRecord {
         DomainRecord {
@@ -849,6 +883,57 @@ mod tests {
     }
 
     #[test]
+    fn a_native_node_speaks_only_for_its_own_domains() {
+        let mut registry = Registry::default();
+        registry.domains.insert("c1".into(), rec("c1", 1));
+        let mut other = rec("elsewhere", 1);
+        other.node = 8;
+        registry.domains.insert("elsewhere".into(), other);
+        let mut server = rec("server", 1);
+        server.node = 8;
+        server.caps.channels = vec!["/svc".into()];
+        registry.domains.insert("server".into(), server);
+        let links = NativeLinks::new(Arc::new(RwLock::new(registry)));
+        let msg = |from: &str, reply_node| OutboundMessage {
+            from: from.into(),
+            channel: "/svc/x".into(),
+            payload: b"p".to_vec(),
+            reply: Some(ReplyRef {
+                node: reply_node,
+                lane: 0,
+                token: 1,
+            }),
+        };
+        let mut sync = NodeSync {
+            outbound: vec![
+                msg("c1", 7),
+                msg("elsewhere", 8),
+                msg("c1", 8),
+                msg("nobody", 7),
+            ],
+            // Never delivered to it: nothing to answer.
+            answers: vec![(
+                ReplyRef {
+                    node: 8,
+                    lane: 0,
+                    token: 5,
+                },
+                b"forged".to_vec(),
+            )],
+            domains: vec![rep("c1", 1)],
+            ..NodeSync::default()
+        };
+        let produced = links.report(7, &mut sync);
+        assert_eq!(produced.messages.len(), 1, "{:?}", produced.messages);
+        let (to_node, env) = &produced.messages[0];
+        assert_eq!(
+            (*to_node, env.from.as_str(), env.to.as_str()),
+            (8, "c1", "server")
+        );
+        assert!(produced.answers.is_empty());
+    }
+
+    #[test]
     fn a_resent_batch_is_taken_once() {
         let mut registry = Registry::default();
         registry.domains.insert("c1".into(), rec("c1", 1));
@@ -865,15 +950,30 @@ mod tests {
             seq,
             ..NodeSync::default()
         };
+        // What a delivered message with reply `r` leaves behind.
+        let delivered = || {
+            links
+                .links()
+                .entry(7)
+                .or_insert_with(Link::new)
+                .awaited
+                .insert((r.node, r.lane, r.token), ());
+        };
+        delivered();
         assert_eq!(links.report(7, &mut batch(1)).answers.len(), 1);
         // The answer to it was lost: the same batch again.
+        delivered();
         assert!(links.report(7, &mut batch(1)).answers.is_empty());
         assert_eq!(links.report(7, &mut batch(2)).answers.len(), 1);
         let logs = links.links().get(&7).unwrap().logs["c1"].since(0);
         assert_eq!(logs.lines.len(), 2, "{logs:?}");
         // Without a number, nothing is promised and everything is taken.
+        delivered();
         assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
+        delivered();
         assert_eq!(links.report(7, &mut batch(0)).answers.len(), 1);
+        // A token answered once cannot be answered again.
+        assert!(links.report(7, &mut batch(0)).answers.is_empty());
     }
 
     #[tokio::test]

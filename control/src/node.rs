@@ -29,9 +29,11 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::authz::{self, Decision, Identity, Peer, Via};
 use crate::clock;
 use crate::config::{DataDir, NodeConfig};
 use crate::domains::Domains;
+use crate::limits::{Attempts, SharedBudget};
 use crate::native::NativeLinks;
 use crate::network::{self, NetworkFactory};
 use crate::policy::{requirement, Requirement};
@@ -160,6 +162,28 @@ pub struct Node {
     /// Held while a domain is placed and committed, so two `run`s do not
     /// both take the last free share.
     place_lock: tokio::sync::Mutex<()>,
+    /// QUIC handshakes in progress and anonymous QUIC connections.
+    quic_budget: SharedBudget,
+    /// Join and renewal attempts.
+    attempts: Mutex<Attempts>,
+}
+
+/// Where a request came from: who the peer proved to be, over which
+/// transport, from which address.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The peer's certificate (`None`: it presented none).
+    pub peer: Option<Peer>,
+    /// The transport.
+    pub via: Via,
+    /// Its address.
+    pub remote: SocketAddr,
+}
+
+impl Caller {
+    fn subject(&self) -> Option<&Subject> {
+        self.peer.as_ref().map(|p| &p.subject)
+    }
 }
 
 #[path = "node_domains.rs"]
@@ -301,6 +325,8 @@ impl Node {
             native,
             applied: applied.clone(),
             place_lock: tokio::sync::Mutex::new(()),
+            quic_budget: SharedBudget::default(),
+            attempts: Mutex::new(Attempts::default()),
         });
 
         node.maybe_initialize().await?;
@@ -407,16 +433,31 @@ impl Node {
                 _ = shutdown.changed() => return,
             };
             let Some(incoming) = incoming else { return };
+            let remote = incoming.remote_address();
+            let place = match self.quic_budget.handshake(remote.ip()) {
+                Ok(p) => p,
+                Err(busy) => {
+                    debug!(%remote, "QUIC connection refused: {busy}");
+                    incoming.refuse();
+                    continue;
+                }
+            };
             let node = self.clone();
             tokio::spawn(async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        debug!("handshake failed: {e}");
-                        return;
-                    }
-                };
-                node.serve_connection(conn).await;
+                let conn =
+                    match tokio::time::timeout(crate::limits::HANDSHAKE_TIMEOUT, incoming).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            debug!(%remote, "handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%remote, "handshake timed out");
+                            return;
+                        }
+                    };
+                drop(place);
+                node.serve_connection(conn, remote).await;
             });
         }
     }
@@ -429,22 +470,59 @@ impl Node {
         metta_trust::parse_cert(certs.first()?.as_ref()).ok()
     }
 
-    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection, remote: SocketAddr) {
         let peer = Self::peer_of(&conn);
+        // Anonymous peers (they may only join) take a place in the anonymous
+        // budget and keep the small limits; members get room.
+        let anonymous = match &peer {
+            None => match self.quic_budget.anonymous(remote.ip()) {
+                Ok(p) => Some(p),
+                Err(busy) => {
+                    debug!(%remote, "anonymous QUIC connection refused: {busy}");
+                    conn.close(transport::CLOSE_BUSY.into(), b"busy");
+                    return;
+                }
+            },
+            Some(_) => {
+                transport::admit_member(&conn);
+                None
+            }
+        };
+        let max_frame = if anonymous.is_some() {
+            crate::limits::ANONYMOUS_MAX_FRAME
+        } else {
+            MAX_FRAME_LEN
+        };
+        let lifetime = async {
+            match anonymous {
+                Some(_) => tokio::time::sleep(crate::limits::ANONYMOUS_LIFETIME).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lifetime);
         let key = ConnKey::Quic(conn.stable_id());
         self.register_conn(key, peer.as_ref(), Closer::Quic(conn.clone()));
-        let subject = peer.map(|p| p.subject);
+        let caller = Caller {
+            peer: peer.as_ref().map(Peer::from),
+            via: Via::Quic,
+            remote,
+        };
         loop {
-            let (mut send, mut recv) = match conn.accept_bi().await {
-                Ok(s) => s,
-                Err(_) => break,
+            let (mut send, mut recv) = tokio::select! {
+                s = conn.accept_bi() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                _ = &mut lifetime => {
+                    conn.close(transport::CLOSE_BUSY.into(), b"anonymous connection lifetime");
+                    break;
+                }
             };
             let node = self.clone();
-            let subject = subject.clone();
+            let caller = caller.clone();
             tokio::spawn(async move {
-                let response: Response = match read_frame::<Request>(&mut recv, MAX_FRAME_LEN).await
-                {
-                    Ok(req) => node.handle(subject, req).await,
+                let response: Response = match read_frame::<Request>(&mut recv, max_frame).await {
+                    Ok(req) => node.handle(&caller, req).await,
                     Err(ReadError::Frame(e)) => {
                         Err(ApiError::InvalidArgument(format!("bad frame: {e}")))
                     }
@@ -508,33 +586,20 @@ impl Node {
         let key = ConnKey::Tcp(self.next_tcp_conn.fetch_add(1, Ordering::Relaxed));
         let (close, closed) = watch::channel(false);
         self.register_conn(key, peer.as_ref(), Closer::Tcp(close));
-        let subject = peer.map(|p| p.subject);
+        let subject = peer.as_ref().map(|p| p.subject.clone());
         debug!(%remote, peer = ?subject, "TLS/TCP connection");
         let node = self.clone();
-        let who = subject.clone();
+        let caller = Caller {
+            peer: peer.as_ref().map(Peer::from),
+            via: Via::Tcp,
+            remote,
+        };
+        // What TCP may carry (no Raft, relaying or proxying: native nodes
+        // speak only for themselves) is the matrix's Transports column.
         let handler = move |req: Request| {
             let node = node.clone();
-            let subject = who.clone();
-            async move {
-                match req {
-                    // Native nodes are not Raft members and never relay
-                    // calls for others: over TCP these are refused, so a
-                    // native node's certificate cannot speak for anyone else.
-                    Request::Raft(_) | Request::Forwarded { .. } | Request::Proxy { .. } => {
-                        let resource = match req {
-                            Request::Raft(_) => "/raft",
-                            Request::Proxy { .. } => "/nodes/proxy",
-                            _ => "/forward",
-                        };
-                        Err(ApiError::PermissionDenied {
-                            subject: subject.unwrap_or(Subject::User("anonymous".into())),
-                            rights: metta_proto::Rights::ALL,
-                            resource: resource.into(),
-                        })
-                    }
-                    req => node.handle(subject, req).await,
-                }
-            }
+            let caller = caller.clone();
+            async move { node.handle(&caller, req).await }
         };
         let stop = {
             let shutdown = self.shutdown.subscribe();
@@ -553,79 +618,231 @@ impl Node {
             .remove(&key);
     }
 
-    /// Handles one request from `peer` (`None`: no client certificate).
-    pub async fn handle(self: &Arc<Self>, peer: Option<Subject>, req: Request) -> Response {
+    /// Handles one request from `caller`: first the authorization matrix
+    /// ([`authz`]) for who the caller is, what it sends and over which
+    /// transport — a refusal changes nothing and reads nothing — then the
+    /// claims the message makes about identities, then the request.
+    pub async fn handle(self: &Arc<Self>, caller: &Caller, req: Request) -> Response {
+        let kind = authz::kind(&req);
+        let who = authz::identify(&self.registry(), caller.peer.as_ref());
+        let decision = authz::decide(kind, who, caller.via);
+        if decision == Decision::Deny {
+            return Err(self.denied(caller, who, kind, caller.subject()));
+        }
+        let node_id = match caller.subject() {
+            Some(Subject::Node(id)) => Some(*id),
+            _ => None,
+        };
         match req {
-            Request::Join(j) => self.join(j).await,
-            Request::Api(call) => match peer {
-                Some(s) => self.api(s, call, true).await,
+            Request::Join(j) => {
+                // Relayed joins were limited where they arrived.
+                if who != Identity::Control {
+                    self.limit_join(caller, &j)?;
+                }
+                let source = caller.remote;
+                let token_id = j.token.split('.').next().unwrap_or("").to_string();
+                let r = self.join(j).await;
+                if let Err(e) = &r {
+                    if matches!(e, ApiError::Token(_) | ApiError::InvalidArgument(_)) {
+                        warn!(%source, token = %token_id, "join refused: {e}");
+                    }
+                }
+                r
+            }
+            Request::Api(call) => {
+                let Some(subject) = caller.subject().cloned() else {
+                    return Err(ApiError::Unauthenticated);
+                };
+                if let (ApiRequest::Renew { .. }, Some(id)) = (&call, node_id) {
+                    self.limit_renew(caller, id)?;
+                }
+                self.api(subject, call, true).await
+            }
+            Request::Forwarded { origin, call } => {
+                // The relaying control node vouches for who made the call;
+                // the matrix is applied again, to the origin.
+                let origin_peer = Peer {
+                    subject: origin.clone(),
+                    serial: Vec::new(),
+                    role: None,
+                };
+                let origin_who = authz::identify(&self.registry(), Some(&origin_peer));
+                let origin_kind = authz::api_kind(&call);
+                if authz::decide(origin_kind, origin_who, Via::Quic) == Decision::Deny {
+                    return Err(self.denied(caller, origin_who, origin_kind, Some(&origin)));
+                }
+                self.api(origin, call, false).await
+            }
+            Request::Node(call) => {
+                if decision == Decision::OwnClaims {
+                    self.check_node_claims(caller, node_id, self.cfg.node_id, &call)?;
+                }
+                self.domains.serve(call).await
+            }
+            Request::Proxy { node, call } => {
+                if decision == Decision::OwnClaims {
+                    self.check_node_claims(caller, node_id, node, &call)?;
+                }
+                if !self.native.holds(node) {
+                    return Err(ApiError::Unavailable(format!(
+                        "native node/{node} has no link to node/{}",
+                        self.cfg.node_id
+                    )));
+                }
+                self.native.serve(node, call).await
+            }
+            Request::Sync(sync) => match node_id {
+                Some(id) => self.native_sync(id, sync).await,
                 None => Err(ApiError::Unauthenticated),
             },
-            Request::Forwarded { origin, call } => match peer {
-                Some(Subject::Node(_)) => self.api(origin, call, false).await,
-                _ => Err(ApiError::PermissionDenied {
-                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
-                    rights: metta_proto::Rights::ALL,
-                    resource: "/forward".into(),
-                }),
-            },
-            Request::Node(call) => match peer {
-                Some(Subject::Node(_)) => self.domains.serve(call).await,
-                _ => Err(ApiError::PermissionDenied {
-                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
-                    rights: metta_proto::Rights::ALL,
-                    resource: "/nodes/domains".into(),
-                }),
-            },
-            Request::Sync(sync) => match peer {
-                Some(Subject::Node(id)) => self.native_sync(id, sync).await,
-                _ => Err(ApiError::PermissionDenied {
-                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
-                    rights: metta_proto::Rights::ALL,
-                    resource: "/nodes/sync".into(),
-                }),
-            },
-            Request::Proxy { node, call } => match peer {
-                Some(Subject::Node(_)) if self.native.holds(node) => {
-                    self.native.serve(node, call).await
-                }
-                Some(Subject::Node(_)) => Err(ApiError::Unavailable(format!(
-                    "native node/{node} has no link to node/{}",
-                    self.cfg.node_id
-                ))),
-                _ => Err(ApiError::PermissionDenied {
-                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
-                    rights: metta_proto::Rights::ALL,
-                    resource: "/nodes/proxy".into(),
-                }),
-            },
-            Request::Raft(rpc) => match peer {
-                Some(Subject::Node(_)) => self.raft_rpc(rpc).await,
-                _ => Err(ApiError::PermissionDenied {
-                    subject: peer.unwrap_or(Subject::User("anonymous".into())),
-                    rights: metta_proto::Rights::ALL,
-                    resource: "/raft".into(),
-                }),
+            Request::Raft(rpc) => match node_id {
+                Some(id) => self.raft_rpc(caller, id, rpc).await,
+                None => Err(ApiError::Unauthenticated),
             },
         }
     }
 
-    async fn raft_rpc(&self, rpc: RaftRpc) -> Response {
+    /// The refusal of `kind` by `who` (`subject`), logged with its source.
+    fn denied(
+        &self,
+        caller: &Caller,
+        who: Identity,
+        kind: authz::Kind,
+        subject: Option<&Subject>,
+    ) -> ApiError {
+        let resource = authz::resource(kind);
+        match subject {
+            None => {
+                debug!(source = %caller.remote, %resource, "refused: anonymous");
+                ApiError::Unauthenticated
+            }
+            Some(s) => {
+                // Members are not expected to try what the matrix refuses.
+                if matches!(who, Identity::Control | Identity::Worker | Identity::Native) {
+                    warn!(source = %caller.remote, peer = %s, %resource, "refused by the authorization matrix");
+                } else {
+                    debug!(source = %caller.remote, peer = %s, %resource, "refused by the authorization matrix");
+                }
+                ApiError::PermissionDenied {
+                    subject: s.clone(),
+                    rights: metta_proto::Rights::ALL,
+                    resource,
+                }
+            }
+        }
+    }
+
+    /// A worker's message between domains, or answer to one, must be about
+    /// its own domains ([`authz::envelope_claims`]); an answer must redeem a
+    /// token this node minted for a message it sent to that worker.
+    fn check_node_claims(
+        &self,
+        caller: &Caller,
+        node_id: Option<NodeId>,
+        here: NodeId,
+        call: &metta_proto::NodeCall,
+    ) -> Result<(), ApiError> {
+        let Some(peer) = node_id else {
+            return Err(ApiError::Unauthenticated);
+        };
+        let refuse = |why: String| {
+            warn!(source = %caller.remote, peer = %Subject::Node(peer), "refused: {why}");
+            ApiError::PermissionDenied {
+                subject: Subject::Node(peer),
+                rights: metta_proto::Rights::of(metta_proto::Right::Write),
+                resource: format!("/domains ({why})"),
+            }
+        };
+        match call {
+            metta_proto::NodeCall::Deliver(envs) => {
+                let reg = self.registry();
+                for env in envs {
+                    authz::envelope_claims(&reg, peer, here, env).map_err(&refuse)?;
+                }
+                Ok(())
+            }
+            metta_proto::NodeCall::Answer { token, lane, .. } => {
+                if self.domains.answer_expected_from(here, *lane, *token, peer) {
+                    Ok(())
+                } else {
+                    Err(refuse(format!(
+                        "no message sent to node/{peer} awaits answer {lane}/{token}"
+                    )))
+                }
+            }
+            _ => Err(refuse("not a message between domains".into())),
+        }
+    }
+
+    /// One join attempt from `caller` (per source address and token id).
+    fn limit_join(&self, caller: &Caller, j: &JoinRequest) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let token_id = j.token.split('.').next().unwrap_or("").to_string();
+        let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let limited = a
+            .join_source
+            .take(&caller.remote.ip(), now)
+            .and_then(|()| a.join_token.take(&token_id, now));
+        limited.map_err(|l| {
+            if l.first {
+                warn!(source = %caller.remote, token = %token_id, "join attempts rate-limited");
+            }
+            ApiError::Unavailable(format!(
+                "too many join attempts from {} or with token {token_id}; retry in {:.1} s",
+                caller.remote.ip(),
+                l.retry_after.as_secs_f64()
+            ))
+        })
+    }
+
+    /// One renewal attempt by node `id`.
+    fn limit_renew(&self, caller: &Caller, id: NodeId) -> Result<(), ApiError> {
+        let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        a.renew.take(&id, Instant::now()).map_err(|l| {
+            if l.first {
+                warn!(source = %caller.remote, node = id, "renewals rate-limited");
+            }
+            ApiError::Unavailable(format!(
+                "too many renewals by node/{id}; retry in {:.1} s",
+                l.retry_after.as_secs_f64()
+            ))
+        })
+    }
+
+    /// A Raft RPC from control node `peer`: the leader or candidate it
+    /// names must be `peer` itself ([`authz::raft_claims`]).
+    async fn raft_rpc(&self, caller: &Caller, peer: NodeId, rpc: RaftRpc) -> Response {
         fn enc<T: serde::Serialize>(v: &T) -> Response {
             network::encode(v).map(Reply::Raft).map_err(internal)
         }
         let bad = |e: postcard::Error| ApiError::InvalidArgument(format!("bad raft message: {e}"));
+        let claims = |claimed: Option<NodeId>| {
+            if authz::raft_claims(peer, claimed) {
+                return Ok(());
+            }
+            warn!(source = %caller.remote, peer, ?claimed, "refused: a Raft message for another node");
+            Err(ApiError::PermissionDenied {
+                subject: Subject::Node(peer),
+                rights: metta_proto::Rights::ALL,
+                resource: "/raft (it names another node as leader or candidate)".into(),
+            })
+        };
         match rpc {
             RaftRpc::AppendEntries(b) => {
-                let req = network::decode(&b).map_err(bad)?;
+                let req: openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig> =
+                    network::decode(&b).map_err(bad)?;
+                claims(req.vote.leader_id().voted_for())?;
                 enc(&self.raft.append_entries(req).await)
             }
             RaftRpc::Vote(b) => {
-                let req = network::decode(&b).map_err(bad)?;
+                let req: openraft::raft::VoteRequest<NodeId> = network::decode(&b).map_err(bad)?;
+                claims(req.vote.leader_id().voted_for())?;
                 enc(&self.raft.vote(req).await)
             }
             RaftRpc::InstallSnapshot(b) => {
-                let req = network::decode(&b).map_err(bad)?;
+                let req: openraft::raft::InstallSnapshotRequest<crate::raft_types::TypeConfig> =
+                    network::decode(&b).map_err(bad)?;
+                claims(req.vote.leader_id().voted_for())?;
                 enc(&self.raft.install_snapshot(req).await)
             }
         }
@@ -779,6 +996,18 @@ impl Node {
         if !self.is_leader() {
             if !may_forward {
                 return Err(ApiError::Unavailable("not the leader; retry".into()));
+            }
+            // Only control nodes are believed when they relay a call for
+            // someone else (the matrix's `forwarded` row).
+            if self.cfg.role != Role::Control {
+                let leader = self
+                    .leader()
+                    .map(|(id, addr)| format!(" (the leader is node/{id} at {addr})"))
+                    .unwrap_or_default();
+                return Err(ApiError::Unavailable(format!(
+                    "node/{} is a worker and does not relay calls: send them to a control node{leader}",
+                    self.cfg.node_id
+                )));
             }
             return self
                 .to_leader(Request::Forwarded {
@@ -1049,6 +1278,12 @@ impl Node {
             .nodes
             .get(&id)
             .map(|n| n.kind == NodeKind::Native);
+        if self.cfg.role != Role::Control {
+            return Err(ApiError::InvalidArgument(format!(
+                "node/{} is a worker: a native node links to a control node",
+                self.cfg.node_id
+            )));
+        }
         match is_native {
             Some(true) => {}
             Some(false) => {
@@ -1120,10 +1355,17 @@ impl Node {
         csr_pem: &str,
         now: UnixTime,
     ) -> Result<metta_trust::IssuedCert, ApiError> {
+        let role = self
+            .registry()
+            .nodes
+            .get(&id)
+            .map(|n| n.role)
+            .ok_or_else(|| ApiError::NotFound(format!("node/{id}")))?;
         let issued = ca
-            .issue(
+            .issue_node(
                 csr_pem,
-                &Subject::Node(id),
+                id,
+                role,
                 now,
                 self.cfg.cert_lifetime_secs,
                 rand::random(),

@@ -91,9 +91,10 @@ pub fn init(o: &InitOptions) -> Result<NodeConfig, SetupError> {
     let node_key = NodeKey::generate().map_err(cred)?;
     let node_csr = metta_trust::make_csr(&node_key, &Subject::Node(1), &o.cluster).map_err(cred)?;
     let node_cert = ca
-        .issue(
+        .issue_node(
             &node_csr,
-            &Subject::Node(1),
+            1,
+            metta_proto::Role::Control,
             now,
             o.cert_lifetime_secs,
             rand::random(),

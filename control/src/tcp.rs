@@ -26,8 +26,13 @@
 //! byte, and an answer must be written within [`WRITE_TIMEOUT`]; a handshake
 //! must finish within [`HANDSHAKE_TIMEOUT`]; a peer without a certificate may
 //! send frames of at most [`ANONYMOUS_MAX_FRAME`] bytes (a join request is a
-//! few KiB), members up to [`MAX_FRAME_LEN`]; at most [`MAX_CONNECTIONS`]
-//! connections are served at once (more wait in the listen backlog). A frame
+//! few KiB), members up to [`MAX_FRAME_LEN`]. Handshakes in progress and
+//! anonymous connections are bounded per source address and in all
+//! ([`crate::limits::ConnBudget`]; an anonymous connection also lives at most
+//! [`crate::limits::ANONYMOUS_LIFETIME`] and idles at most
+//! [`ANONYMOUS_IDLE_TIMEOUT`]); members have their own
+//! [`MAX_CONNECTIONS`], so a flood of strangers cannot lock them out. A
+//! connection over a budget is closed at once. A frame
 //! that does not parse is answered with `InvalidArgument("bad frame: ..")` and
 //! the connection is closed. The node closes a TCP connection when its
 //! peer's identity is revoked or its certificate expires, like a QUIC one; TCP
@@ -62,7 +67,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::debug;
 
+use crate::limits::{Place, SharedBudget};
 use crate::transport::{self, CallError, Credentials, ServerTrust, TransportError, SERVER_NAME};
 
 /// A connection with no request for this long is closed by the server.
@@ -71,12 +78,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// An answer must be written (the peer must read it) within this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A TLS handshake must finish within this long.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest frame accepted from a peer without a certificate.
-pub const ANONYMOUS_MAX_FRAME: usize = 64 * 1024;
-/// Most TCP connections a node serves at once.
+pub use crate::limits::{ANONYMOUS_MAX_FRAME, HANDSHAKE_TIMEOUT};
+/// Most TCP connections of members (peers with a certificate) a node serves
+/// at once; anonymous peers have their own, smaller budget
+/// ([`crate::limits`]), so they cannot take these.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Between requests, an anonymous connection is closed sooner than a
+/// member's.
+pub const ANONYMOUS_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`TcpClient::call`] waits for an answer by default (longer than a
 /// follower's forwarding window, so a relayed call gets its answer).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -251,7 +260,10 @@ where
 pub struct Listener {
     listener: TcpListener,
     config: RwLock<Arc<rustls::ServerConfig>>,
-    slots: Arc<Semaphore>,
+    /// Handshakes in progress and anonymous connections.
+    budget: SharedBudget,
+    /// Members' connections.
+    members: Arc<Semaphore>,
 }
 
 impl Listener {
@@ -269,7 +281,8 @@ impl Listener {
         Ok(Listener {
             listener,
             config: RwLock::new(Arc::new(config)),
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            budget: SharedBudget::default(),
+            members: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
@@ -283,27 +296,38 @@ impl Listener {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
-    /// The next connection, once fewer than [`MAX_CONNECTIONS`] are served.
+    /// Handshakes in progress and anonymous connections now.
+    pub fn load(&self) -> (usize, usize) {
+        self.budget.load()
+    }
+
+    /// The next connection whose source may start a handshake now; others
+    /// are closed at once ([`crate::limits::ConnBudget`]).
     pub async fn accept(&self) -> io::Result<Incoming> {
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| io::Error::other("listener closed"))?;
-        let (stream, remote) = self.listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let config = self
-            .config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Ok(Incoming {
-            stream,
-            remote,
-            acceptor: TlsAcceptor::from(config),
-            permit,
-        })
+        loop {
+            let (stream, remote) = self.listener.accept().await?;
+            let place = match self.budget.handshake(remote.ip()) {
+                Ok(p) => p,
+                Err(busy) => {
+                    debug!(%remote, "TLS/TCP connection refused: {busy}");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let config = self
+                .config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Ok(Incoming {
+                stream,
+                remote,
+                acceptor: TlsAcceptor::from(config),
+                place,
+                budget: self.budget.clone(),
+                members: self.members.clone(),
+            });
+        }
     }
 }
 
@@ -312,7 +336,17 @@ pub struct Incoming {
     stream: TcpStream,
     remote: SocketAddr,
     acceptor: TlsAcceptor,
-    permit: OwnedSemaphorePermit,
+    /// Its handshake's place in the budget.
+    place: Place,
+    budget: SharedBudget,
+    members: Arc<Semaphore>,
+}
+
+/// What a served connection holds while it lives.
+#[derive(Debug)]
+enum Slot {
+    Anonymous(#[allow(dead_code)] Place),
+    Member(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
 impl std::fmt::Debug for Incoming {
@@ -371,11 +405,24 @@ impl Incoming {
             .map(|c| metta_trust::parse_cert(c.as_ref()))
             .transpose()
             .map_err(|e| format!("peer certificate: {e}"))?;
+        drop(self.place);
+        let slot = match &peer {
+            None => Slot::Anonymous(
+                self.budget
+                    .anonymous(self.remote.ip())
+                    .map_err(|busy| busy.to_string())?,
+            ),
+            Some(_) => Slot::Member(
+                self.members
+                    .try_acquire_owned()
+                    .map_err(|_| "too many member connections".to_string())?,
+            ),
+        };
         Ok(ServerConn {
             tls,
             remote: self.remote,
             peer,
-            _permit: self.permit,
+            _slot: slot,
         })
     }
 }
@@ -385,7 +432,7 @@ pub struct ServerConn {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     remote: SocketAddr,
     peer: Option<CertInfo>,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl ServerConn {
@@ -401,18 +448,26 @@ impl ServerConn {
 
     /// Serves requests with `handler` until the connection ends or `stop`
     /// resolves (see [`serve_stream`]).
-    pub async fn serve<H, Fut, St>(mut self, limits: Limits, handler: H, stop: St) -> Ended
+    /// An anonymous peer gets smaller frames, a shorter idle limit and at
+    /// most [`crate::limits::ANONYMOUS_LIFETIME`] in all.
+    pub async fn serve<H, Fut, St>(mut self, mut limits: Limits, handler: H, stop: St) -> Ended
     where
         H: FnMut(Request) -> Fut,
         Fut: Future<Output = Response>,
         St: Future<Output = ()>,
     {
-        let max = if self.peer.is_some() {
-            MAX_FRAME_LEN
-        } else {
-            ANONYMOUS_MAX_FRAME
+        if self.peer.is_some() {
+            return serve_stream(&mut self.tls, MAX_FRAME_LEN, limits, handler, stop).await;
+        }
+        limits.idle = limits.idle.min(ANONYMOUS_IDLE_TIMEOUT);
+        let lifetime = tokio::time::sleep(crate::limits::ANONYMOUS_LIFETIME);
+        let stop = async move {
+            tokio::select! {
+                _ = stop => {},
+                _ = lifetime => {},
+            }
         };
-        serve_stream(&mut self.tls, max, limits, handler, stop).await
+        serve_stream(&mut self.tls, ANONYMOUS_MAX_FRAME, limits, handler, stop).await
     }
 }
 

@@ -117,6 +117,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport_config())
+}
+
+fn base_transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // A silent peer (killed, partitioned) is declared gone after 2 s; until
     // then calls on its connection wait.
@@ -126,7 +130,29 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
             .try_into()
             .expect("2 s is a valid idle timeout"),
     ));
+    t
+}
+
+/// What a peer gets before it has shown a certificate: the anonymous
+/// bounds of [`crate::limits`] (few streams, a small receive window, no
+/// unidirectional streams). The accept loop raises them for members
+/// ([`admit_member`]).
+fn server_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport_config();
+    t.max_concurrent_bidi_streams(crate::limits::ANONYMOUS_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.receive_window(crate::limits::ANONYMOUS_WINDOW.into());
+    t.stream_receive_window(crate::limits::ANONYMOUS_WINDOW.into());
     Arc::new(t)
+}
+
+/// Raises the stream and flow-control limits of an incoming connection whose
+/// peer presented a cluster certificate. (The per-stream window stays at
+/// [`crate::limits::ANONYMOUS_WINDOW`]: a large frame flows at that many
+/// bytes per round trip.)
+pub fn admit_member(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(crate::limits::MEMBER_STREAMS.into());
+    conn.set_receive_window(crate::limits::MEMBER_WINDOW.into());
 }
 
 /// The TLS server side every Metta listener uses (QUIC and TLS/TCP alike): our
@@ -163,7 +189,12 @@ pub fn server_config(
     let tls = tls_server_config(creds, ca_der, revoked)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport_config());
+    cfg.transport_config(server_transport_config());
+    // Connection attempts waiting for the accept loop, and the bytes they
+    // may buffer before it looks at them.
+    cfg.max_incoming(crate::limits::PENDING_MAX * 2);
+    cfg.incoming_buffer_size(64 * 1024);
+    cfg.incoming_buffer_size_total(8 * 1024 * 1024);
     Ok(cfg)
 }
 
@@ -229,6 +260,9 @@ pub fn client_config(
 pub const CLOSE_REVOKED: u32 = 1;
 /// Application close code: the peer's certificate expired.
 pub const CLOSE_EXPIRED: u32 = 2;
+/// Application close code: over a budget for peers without a certificate
+/// (too many from its address, or its lifetime is over); try again later.
+pub const CLOSE_BUSY: u32 = 3;
 
 /// Whether a connection ended because a side refused the other's identity
 /// (a TLS alert, or a revocation/expiry close) rather than a network failure.

@@ -148,8 +148,9 @@ struct Seen {
 /// on it and waits for the start it reports, `call` and `logs` go through
 /// the proxy, `ps` asks it for figures, `stop` reaches it — all over the
 /// kernel's own link code (`metta-link` on TLS/TCP) against a real
-/// `mettad`. The native node syncs with a worker, so the leader's calls for
-/// it travel as `Request::Proxy` to that worker over QUIC. The native side
+/// `mettad`. The native node syncs with a control node that is not the
+/// leader, so the leader's calls for it travel as `Request::Proxy` to that
+/// follower over QUIC (a worker refuses a native node's link). The native side
 /// here answers as the kernel does (the QEMU tests in `tests/` run the real
 /// kernel).
 #[test]
@@ -158,9 +159,12 @@ fn a_native_node_gets_its_domains_calls_and_stops_through_sync() {
         return;
     };
     let mut c = Cluster::init("1h");
-    let t = c.token("worker", 1);
+    let t = c.token("control", 1);
     c.join(&t, "node-2");
-    c.wait_nodes_up(2);
+    let t = c.token("worker", 1);
+    c.join(&t, "node-3");
+    c.wait_voters(2);
+    c.wait_nodes_up(3);
     let key = trust_acme(&c);
     push_ok(
         &c,
@@ -176,6 +180,17 @@ fn a_native_node_gets_its_domains_calls_and_stops_through_sync() {
     };
     let (config, cert_not_after) = join_native(&c, "kern", &resources);
     let module = std::fs::read(&counter).unwrap();
+
+    // A worker does not hold native nodes' links.
+    {
+        let mut tcp = connect(&c.nodes[2].addr);
+        let mut s = Session::new(&config, now(), &entropy()).unwrap();
+        let sync = Request::Sync(metta_proto::NodeSync::default());
+        match call(&mut s, &mut tcp, &sync) {
+            Ok(Err(e)) => assert!(e.to_string().contains("is a worker"), "{e}"),
+            other => panic!("a worker answered a sync with {other:?}"),
+        }
+    }
 
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -18,7 +18,7 @@ use core::fmt;
 use core::str::FromStr;
 
 use metta_proto::ids::check_name;
-use metta_proto::Subject;
+use metta_proto::{Role, Subject};
 use p256::elliptic_curve::zeroize::Zeroizing;
 use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
 use rcgen::{
@@ -348,6 +348,36 @@ impl ClusterCa {
         lifetime_secs: u64,
         serial: [u8; 16],
     ) -> Result<IssuedCert, CaError> {
+        self.issue_with_role(csr_pem, subject, None, now, lifetime_secs, serial)
+    }
+
+    /// Issues a node certificate as [`issue`](Self::issue) does, and attests
+    /// the node's role in its subject: OU `metta-control` or `metta-worker`
+    /// ([`cert::ROLE_CONTROL_OU`], [`cert::ROLE_WORKER_OU`]). The role is what
+    /// lets a peer whose view of the registry lags (a node that just joined)
+    /// tell a control node — which may send Raft traffic — from a worker.
+    pub fn issue_node(
+        &self,
+        csr_pem: &str,
+        id: metta_proto::NodeId,
+        role: Role,
+        now: UnixTime,
+        lifetime_secs: u64,
+        serial: [u8; 16],
+    ) -> Result<IssuedCert, CaError> {
+        let subject = Subject::Node(id);
+        self.issue_with_role(csr_pem, &subject, Some(role), now, lifetime_secs, serial)
+    }
+
+    fn issue_with_role(
+        &self,
+        csr_pem: &str,
+        subject: &Subject,
+        role: Option<Role>,
+        now: UnixTime,
+        lifetime_secs: u64,
+        serial: [u8; 16],
+    ) -> Result<IssuedCert, CaError> {
         let spki = csr_rcgen_key(csr_pem)?;
         let not_after = now
             .checked_add(lifetime_secs)
@@ -362,6 +392,9 @@ impl ClusterCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, subject.to_string());
+        if let Some(role) = role {
+            dn.push(DnType::OrganizationalUnitName, cert::role_ou(role));
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(
             subject
@@ -491,6 +524,22 @@ mod tests {
             ClusterCa::create("Lab!", T0, 1),
             Err(CaError::InvalidClusterName(_))
         ));
+    }
+
+    #[test]
+    fn node_certificates_attest_their_role_and_user_certificates_none() {
+        let ca = ClusterCa::create("lab", T0, 86400).unwrap();
+        let key = NodeKey::generate().unwrap();
+        for role in [Role::Control, Role::Worker] {
+            let csr = make_csr(&key, &Subject::Node(4), "lab").unwrap();
+            let c = ca.issue_node(&csr, 4, role, T0, 3600, [2; 16]).unwrap();
+            let info = parse_cert(&c.der).unwrap();
+            assert_eq!((info.subject, info.role), (Subject::Node(4), Some(role)));
+        }
+        let user = Subject::User("bob".into());
+        let csr = make_csr(&key, &user, "lab").unwrap();
+        let c = ca.issue(&csr, &user, T0, 3600, [3; 16]).unwrap();
+        assert_eq!(parse_cert(&c.der).unwrap().role, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use metta_proto::Subject;
+use metta_proto::{Role, Subject};
 use serde::{Deserialize, Serialize};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -110,6 +110,23 @@ pub struct CertInfo {
     pub server_auth: bool,
     /// EKU clientAuth present.
     pub client_auth: bool,
+    /// The role the CA attested for a node (the subject's OU
+    /// [`ROLE_CONTROL_OU`] or [`ROLE_WORKER_OU`]); `None` for users and for
+    /// node certificates issued without one.
+    pub role: Option<Role>,
+}
+
+/// The subject OU of a control node's certificate.
+pub const ROLE_CONTROL_OU: &str = "metta-control";
+/// The subject OU of a worker's certificate.
+pub const ROLE_WORKER_OU: &str = "metta-worker";
+
+/// The subject OU that attests `role`.
+pub fn role_ou(role: Role) -> &'static str {
+    match role {
+        Role::Control => ROLE_CONTROL_OU,
+        Role::Worker => ROLE_WORKER_OU,
+    }
 }
 
 /// Which side of a connection a certificate is presented on.
@@ -183,6 +200,25 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertError> {
     let (server_auth, client_auth) = eku.map_or((false, false), |e| {
         (e.value.server_auth, e.value.client_auth)
     });
+    // Only a node's certificate carries a role, and at most one.
+    let mut roles = x
+        .subject()
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok())
+        .filter_map(|ou| match ou {
+            ROLE_CONTROL_OU => Some(Role::Control),
+            ROLE_WORKER_OU => Some(Role::Worker),
+            _ => None,
+        });
+    let role = match (roles.next(), roles.next()) {
+        (None, _) => None,
+        (Some(r), None) if subject.is_node() => Some(r),
+        _ => {
+            return Err(CertError::Malformed(
+                "a role OU on a user certificate, or more than one".into(),
+            ))
+        }
+    };
     let validity = x.validity();
     let not_before = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
     let not_after = u64::try_from(validity.not_after.timestamp())
@@ -196,6 +232,7 @@ pub fn parse_cert(der: &[u8]) -> Result<CertInfo, CertError> {
         spki_der: x.public_key().raw.to_vec(),
         server_auth,
         client_auth,
+        role,
     })
 }
 
