@@ -251,7 +251,9 @@ impl SharedBudget {
 /// forgotten first).
 #[derive(Debug)]
 pub struct Buckets<K> {
-    map: HashMap<K, (f64, Instant)>,
+    /// Per key: tokens, when they were counted, and whether the last
+    /// attempt was refused.
+    map: HashMap<K, (f64, Instant, bool)>,
     burst: f64,
     per_sec: f64,
     max_keys: usize,
@@ -278,23 +280,22 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    /// One attempt for `key` at `now`.
+    /// One attempt for `key` at `now`. A refused attempt costs nothing.
     pub fn take(&mut self, key: &K, now: Instant) -> Result<(), Limited> {
         if !self.map.contains_key(key) && self.map.len() >= self.max_keys {
             self.forget_idle(now);
         }
         let (burst, rate) = (self.burst, self.per_sec);
-        let (tokens, last) = self.map.entry(key.clone()).or_insert((burst, now));
-        let refilled =
-            (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+        let (tokens, last, refused) = self.map.entry(key.clone()).or_insert((burst, now, false));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
         *last = now;
-        if refilled >= 1.0 {
-            *tokens = refilled - 1.0;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            *refused = false;
             return Ok(());
         }
-        // Below zero marks "already refused since the last success".
-        let first = refilled >= 0.0;
-        *tokens = if first { refilled - 1.0 } else { refilled };
+        let first = !*refused;
+        *refused = true;
         Err(Limited {
             retry_after: Duration::from_secs_f64(((1.0 - *tokens) / rate).min(3600.0)),
             first,
@@ -304,14 +305,14 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
     /// Forgets keys whose bucket is full again, or else the longest idle.
     fn forget_idle(&mut self, now: Instant) {
         let (burst, rate) = (self.burst, self.per_sec);
-        self.map.retain(|_, (t, last)| {
+        self.map.retain(|_, (t, last, _)| {
             *t + now.saturating_duration_since(*last).as_secs_f64() * rate < burst
         });
         while self.map.len() >= self.max_keys {
             let oldest = self
                 .map
                 .iter()
-                .min_by_key(|(_, (_, last))| *last)
+                .min_by_key(|(_, (_, last, _))| *last)
                 .map(|(k, _)| k.clone());
             match oldest {
                 Some(k) => self.map.remove(&k),
@@ -469,11 +470,23 @@ mod tests {
         assert!(!again.first, "only the first refusal is reported as such");
         // Another key is not affected.
         assert_eq!(b.take(&"other", t0), Ok(()));
-        // 1.5 s refill three (2/s), minus the debt of the first refusal.
-        let t1 = t0 + Duration::from_millis(1500);
-        assert_eq!(b.take(&"k", t1), Ok(()));
-        assert_eq!(b.take(&"k", t1), Ok(()));
-        assert!(b.take(&"k", t1).is_err());
+        // Refused attempts cost nothing: retrying every 100 ms gets
+        // through once the rate allows (2/s: after 500 ms).
+        let mut t = t0;
+        let mut refused = 0;
+        while b.take(&"k", t).is_err() {
+            refused += 1;
+            t += Duration::from_millis(100);
+        }
+        assert_eq!(t - t0, Duration::from_millis(500));
+        assert_eq!(refused, 5);
+        // 1.5 s refill three.
+        let t1 = t + Duration::from_millis(1500);
+        for _ in 0..3 {
+            assert_eq!(b.take(&"k", t1), Ok(()));
+        }
+        let again = b.take(&"k", t1).unwrap_err();
+        assert!(again.first, "the first refusal after a success is reported");
         // Long idle: the full burst again.
         let t2 = t0 + Duration::from_secs(60);
         for _ in 0..3 {

@@ -856,7 +856,7 @@ impl fmt::Display for ApiError {
                 "permission denied: {subject} lacks {rights} on {resource}"
             ),
             ApiError::Unauthenticated => {
-                f.write_str("unauthenticated: present a cluster certificate (only join is open)")
+                f.write_str("permission denied: no client certificate was presented (only join is open to peers without one)")
             }
             ApiError::Token(r) => write!(f, "join refused: {r}"),
             ApiError::InvalidArgument(s) => write!(f, "invalid argument: {s}"),
