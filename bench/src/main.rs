@@ -6,6 +6,7 @@
 
 mod cfs;
 mod etcd;
+mod flood;
 mod metta;
 mod procs;
 mod qos;
@@ -70,6 +71,8 @@ enum Mode {
     StartLatency(start::StartArgs),
     /// QoS crosstalk on a real 1-lane mettad vs Linux CFS bandwidth control.
     Qos(qos::QosArgs),
+    /// A real mettad's RSS and member latency under a bounded anonymous flood.
+    Flood(flood::FloodArgs),
     /// (internal) A busy loop: a greedy Linux neighbour for `qos`.
     #[command(hide = true)]
     CfsBusy,
@@ -960,6 +963,7 @@ fn other_mode(mode: Mode) -> ExitCode {
             match mode {
                 Mode::StartLatency(a) => start::main(a).await,
                 Mode::Qos(a) => qos::main(a).await,
+                Mode::Flood(a) => flood::main(a).await,
                 _ => Err(anyhow!("not a benchmark mode")),
             }
         };
@@ -1026,7 +1030,9 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(mode @ (Mode::StartLatency(_) | Mode::Qos(_))) => return other_mode(mode),
+        Some(mode @ (Mode::StartLatency(_) | Mode::Qos(_) | Mode::Flood(_))) => {
+            return other_mode(mode)
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

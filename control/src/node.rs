@@ -150,6 +150,11 @@ pub struct Node {
     ca_pem: String,
     ca_der: Vec<u8>,
     cert_not_after: AtomicU64,
+    /// Start of the current certificate's validity: with its expiry, when
+    /// to renew (the certificate's own lifetime, whatever this node's
+    /// configuration says: a joined node's certificates are issued with the
+    /// leader's lifetime).
+    cert_not_before: AtomicU64,
     conns: Mutex<HashMap<ConnKey, Conn>>,
     heartbeats: Mutex<HashMap<NodeId, (Instant, Heartbeat)>>,
     shutdown: watch::Sender<bool>,
@@ -305,6 +310,7 @@ impl Node {
         let (writes, pending) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             cert_not_after: AtomicU64::new(cert_info.not_after),
+            cert_not_before: AtomicU64::new(cert_info.not_before),
             cfg,
             dir,
             raft,
@@ -1661,9 +1667,8 @@ impl Node {
                 _ = shutdown.changed() => return,
             }
             let not_after = self.cert_not_after.load(Ordering::Relaxed);
-            let lifetime = self.cfg.cert_lifetime_secs.max(3);
-            let now = clock::now();
-            if now + lifetime / 3 < not_after {
+            let not_before = self.cert_not_before.load(Ordering::Relaxed);
+            if clock::now() < renew_at(not_before, not_after) {
                 continue;
             }
             match self.renew().await {
@@ -1714,9 +1719,22 @@ impl Node {
             .map_err(|e| e.to_string())?;
         self.transport.set_configs(Some(server), client);
         self.tcp.set_config(tcp_server);
+        let not_before = metta_trust::cert::pem_to_der(&cert_pem)
+            .ok()
+            .and_then(|d| metta_trust::parse_cert(&d).ok())
+            .map_or(clock::now(), |c| c.not_before);
+        self.cert_not_before.store(not_before, Ordering::Relaxed);
         self.cert_not_after.store(not_after, Ordering::Relaxed);
         Ok(not_after)
     }
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// two thirds into its lifetime, counted from when it was issued (the CA
+/// dates `not_before` back by [`metta_trust::CLOCK_SKEW_SECS`]).
+pub fn renew_at(not_before: UnixTime, not_after: UnixTime) -> UnixTime {
+    let issued = (not_before + metta_trust::CLOCK_SKEW_SECS).min(not_after);
+    issued + not_after.saturating_sub(issued) / 3 * 2
 }
 
 /// Resolves when Raft's known leader differs from `from`.
@@ -1755,4 +1773,24 @@ pub fn local_resources() -> metta_proto::NodeResources {
             }
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renew_at;
+
+    #[test]
+    fn renewal_comes_two_thirds_into_the_certificates_own_lifetime() {
+        // Issued at t (valid from 5 min back): a 1 h certificate is renewed
+        // after 40 min, a 9 s one after 6 s.
+        let t = 1_700_000_000;
+        let skew = metta_trust::CLOCK_SKEW_SECS;
+        assert_eq!(renew_at(t - skew, t + 3600), t + 2400);
+        assert_eq!(renew_at(t - skew, t + 9), t + 6);
+        assert_eq!(
+            renew_at(t - skew, t - skew),
+            t - skew,
+            "an empty window renews at once"
+        );
+    }
 }
