@@ -46,10 +46,20 @@ pub const ANONYMOUS_MAX_FRAME: usize = 64 * 1024;
 pub const ANONYMOUS_STREAMS: u32 = 4;
 /// An anonymous QUIC connection's receive window (bytes in flight).
 pub const ANONYMOUS_WINDOW: u32 = 256 * 1024;
+/// Bytes of frames one member (one identity, over all its QUIC
+/// connections) may have in progress at once: four frames of the largest
+/// size.
+pub const MEMBER_FRAME_BUDGET: usize = 4 * metta_proto::MAX_FRAME_LEN;
+/// TLS/TCP connections one member identity may hold at once (a native node
+/// needs one, two while it reconnects).
+pub const MEMBER_TCP_PER_SUBJECT: usize = 8;
+/// QUIC connections one member identity may hold at once (a node keeps one
+/// to each peer; each `mettactl` run opens one).
+pub const MEMBER_QUIC_PER_SUBJECT: usize = 64;
 /// Concurrent QUIC streams a member may open.
 pub const MEMBER_STREAMS: u32 = 256;
 /// A member's QUIC connection receive window.
-pub const MEMBER_WINDOW: u32 = 64 * 1024 * 1024;
+pub const MEMBER_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Which budget refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

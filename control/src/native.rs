@@ -59,6 +59,10 @@ pub const SILENT: Duration = Duration::from_secs(3);
 /// Runtime figures younger than this answer `ps` without asking the node.
 const STATS_FRESH: Duration = Duration::from_millis(500);
 /// How long `ps` waits for a native node's figures.
+/// Longest log line kept from a native node (longer ones are cut).
+pub const MAX_LOG_LINE: usize = 4096;
+/// Most domains a native node's report may list.
+pub const MAX_REPORTED: usize = 4096;
 /// Reply tokens of messages delivered to one native node that it may still
 /// answer.
 const AWAITED_MAX: usize = 65_536;
@@ -283,13 +287,20 @@ impl NativeLinks {
             sync.answers.clear();
             sync.logs.clear();
         }
+        // The domains placed on it, read before its link is locked.
+        let own: std::collections::HashSet<String>;
         {
             let reg = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            own = reg
+                .domains
+                .values()
+                .filter(|d| d.node == node)
+                .map(|d| d.name.clone())
+                .collect();
             for m in sync.outbound.drain(..) {
                 // A native node speaks only for its own domains, and their
                 // answers come back to it.
-                let own = reg.domains.get(&m.from).is_some_and(|d| d.node == node);
-                if !own || m.reply.is_some_and(|r| r.node != node) {
+                if !own.contains(&m.from) || m.reply.is_some_and(|r| r.node != node) {
                     warn!(
                         node,
                         from = %m.from,
@@ -351,9 +362,24 @@ impl NativeLinks {
                 "native node dropped log lines"
             );
         }
-        for (domain, text) in sync.logs.drain(..) {
-            l.logs.entry(domain).or_default().push(text);
+        {
+            // Lines of its own domains only, each of bounded length.
+            for (domain, mut text) in sync.logs.drain(..) {
+                if !own.contains(&domain) {
+                    continue;
+                }
+                if text.len() > MAX_LOG_LINE {
+                    let mut cut = MAX_LOG_LINE;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                }
+                l.logs.entry(domain).or_default().push(text);
+            }
         }
+        // A report longer than any node can run is cut.
+        sync.domains.truncate(MAX_REPORTED);
         if let Some(rows) = sync.stats.take() {
             l.stats = Some((Instant::now(), rows));
         }

@@ -171,6 +171,36 @@ pub struct Node {
     quic_budget: SharedBudget,
     /// Join and renewal attempts.
     attempts: Mutex<Attempts>,
+    /// Per member identity: bytes of QUIC frames in progress
+    /// ([`crate::limits::MEMBER_FRAME_BUDGET`]).
+    frame_budgets: Mutex<HashMap<Subject, Arc<tokio::sync::Semaphore>>>,
+    /// Per member identity and transport: connections held.
+    members: Mutex<HashMap<(Subject, Via), usize>>,
+}
+
+/// What an incoming QUIC connection holds while it is served.
+enum Held {
+    Anonymous(#[allow(dead_code)] crate::limits::Place),
+    Member(#[allow(dead_code)] MemberSlot),
+}
+
+/// A member's connection, counted per identity and transport while it
+/// lives.
+struct MemberSlot {
+    node: Arc<Node>,
+    key: (Subject, Via),
+}
+
+impl Drop for MemberSlot {
+    fn drop(&mut self) {
+        let mut m = self.node.members.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Where a request came from: who the peer proved to be, over which
@@ -333,6 +363,8 @@ impl Node {
             place_lock: tokio::sync::Mutex::new(()),
             quic_budget: SharedBudget::default(),
             attempts: Mutex::new(Attempts::default()),
+            frame_budgets: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
         });
 
         node.maybe_initialize().await?;
@@ -480,29 +512,49 @@ impl Node {
         let peer = Self::peer_of(&conn);
         // Anonymous peers (they may only join) take a place in the anonymous
         // budget and keep the small limits; members get room.
-        let anonymous = match &peer {
+        let held = match &peer {
             None => match self.quic_budget.anonymous(remote.ip()) {
-                Ok(p) => Some(p),
+                Ok(p) => Held::Anonymous(p),
                 Err(busy) => {
                     debug!(%remote, "anonymous QUIC connection refused: {busy}");
                     conn.close(transport::CLOSE_BUSY.into(), b"busy");
                     return;
                 }
             },
-            Some(_) => {
+            Some(p) => {
+                let Some(slot) = self.member_slot(&p.subject, Via::Quic) else {
+                    debug!(%remote, peer = %p.subject, "QUIC connection refused: too many from one identity");
+                    conn.close(transport::CLOSE_BUSY.into(), b"busy: too many connections");
+                    return;
+                };
                 transport::admit_member(&conn);
-                None
+                Held::Member(slot)
             }
         };
-        let max_frame = if anonymous.is_some() {
+        let anonymous = matches!(held, Held::Anonymous(_));
+        let max_frame = if anonymous {
             crate::limits::ANONYMOUS_MAX_FRAME
         } else {
             MAX_FRAME_LEN
         };
+        // One identity's frames in progress, over all its connections.
+        let budget = peer.as_ref().map(|p| {
+            self.frame_budgets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(p.subject.clone())
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(
+                        crate::limits::MEMBER_FRAME_BUDGET,
+                    ))
+                })
+                .clone()
+        });
         let lifetime = async {
-            match anonymous {
-                Some(_) => tokio::time::sleep(crate::limits::ANONYMOUS_LIFETIME).await,
-                None => std::future::pending().await,
+            if anonymous {
+                tokio::time::sleep(crate::limits::ANONYMOUS_LIFETIME).await
+            } else {
+                std::future::pending().await
             }
         };
         tokio::pin!(lifetime);
@@ -526,8 +578,10 @@ impl Node {
             };
             let node = self.clone();
             let caller = caller.clone();
+            let budget = budget.clone();
             tokio::spawn(async move {
-                let response: Response = match read_frame::<Request>(&mut recv, max_frame).await {
+                let read = read_frame::<Request>(&mut recv, max_frame, budget.as_ref()).await;
+                let response: Response = match read {
                     Ok(req) => node.handle(&caller, req).await,
                     Err(ReadError::Frame(e)) => {
                         Err(ApiError::InvalidArgument(format!("bad frame: {e}")))
@@ -541,6 +595,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+        drop(held);
     }
 
     fn register_conn(&self, key: ConnKey, peer: Option<&metta_trust::CertInfo>, closer: Closer) {
@@ -589,6 +644,16 @@ impl Node {
             }
         };
         let peer = conn.peer().cloned();
+        let _member = match &peer {
+            Some(p) => match self.member_slot(&p.subject, Via::Tcp) {
+                Some(m) => Some(m),
+                None => {
+                    debug!(%remote, peer = %p.subject, "TLS/TCP connection refused: too many from one identity");
+                    return;
+                }
+            },
+            None => None,
+        };
         let key = ConnKey::Tcp(self.next_tcp_conn.fetch_add(1, Ordering::Relaxed));
         let (close, closed) = watch::channel(false);
         self.register_conn(key, peer.as_ref(), Closer::Tcp(close));
@@ -622,6 +687,27 @@ impl Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+    }
+
+    /// A place among `subject`'s connections over `via`, given back on
+    /// drop (`None`: it holds [`crate::limits::MEMBER_TCP_PER_SUBJECT`] or
+    /// [`crate::limits::MEMBER_QUIC_PER_SUBJECT`] already).
+    fn member_slot(self: &Arc<Self>, subject: &Subject, via: Via) -> Option<MemberSlot> {
+        let cap = match via {
+            Via::Tcp => crate::limits::MEMBER_TCP_PER_SUBJECT,
+            Via::Quic => crate::limits::MEMBER_QUIC_PER_SUBJECT,
+        };
+        let key = (subject.clone(), via);
+        let mut m = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(MemberSlot {
+            node: self.clone(),
+            key,
+        })
     }
 
     /// Handles one request from `caller`: first the authorization matrix

@@ -299,10 +299,14 @@ pub enum ReadError {
 }
 
 /// Reads exactly one frame from the stream (the header's length is checked
-/// against `max` before the payload is read).
+/// against `max` before the payload is read). With a `budget`, the frame's
+/// length is taken from it (in bytes, waiting while others hold it) until
+/// the frame is decoded, so one peer's frames in progress are bounded in
+/// all, whatever it announces on how many streams.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
+    budget: Option<&Arc<tokio::sync::Semaphore>>,
 ) -> Result<T, ReadError> {
     let mut header = [0u8; frame::HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|e| match e {
@@ -312,13 +316,30 @@ pub async fn read_frame<T: DeserializeOwned>(
         quinn::ReadExactError::ReadError(e) => ReadError::Io(e.to_string()),
     })?;
     let len = frame::parse_header(header, max).map_err(ReadError::Frame)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => ReadError::Frame(FrameError::Truncated {
-            have: frame::HEADER_LEN + n,
-        }),
-        quinn::ReadExactError::ReadError(e) => ReadError::Io(e.to_string()),
-    })?;
+    let _held = match budget {
+        Some(b) => Some(
+            b.clone()
+                .acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+                .await
+                .map_err(|_| ReadError::Io("shutting down".into()))?,
+        ),
+        None => None,
+    };
+    // Grown as bytes arrive: a length announced is not memory taken.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    let mut chunk = [0u8; 16 * 1024];
+    while payload.len() < len {
+        let want = (len - payload.len()).min(chunk.len());
+        match recv.read(&mut chunk[..want]).await {
+            Ok(Some(n)) => payload.extend_from_slice(&chunk[..n]),
+            Ok(None) => {
+                return Err(ReadError::Frame(FrameError::Truncated {
+                    have: frame::HEADER_LEN + payload.len(),
+                }))
+            }
+            Err(e) => return Err(ReadError::Io(e.to_string())),
+        }
+    }
     frame::decode(&payload).map_err(ReadError::Frame)
 }
 
@@ -471,7 +492,7 @@ impl Transport {
             .await
             .map_err(|e| stream_err(e.to_string()))?;
         write_frame(&mut send, req).await.map_err(stream_err)?;
-        match read_frame::<Response>(&mut recv, MAX_FRAME_LEN).await {
+        match read_frame::<Response>(&mut recv, MAX_FRAME_LEN, None).await {
             Ok(r) => Ok(r),
             Err(ReadError::Io(e)) => Err(stream_err(e)),
             Err(ReadError::Frame(err)) => Err(TransportError::Frame {

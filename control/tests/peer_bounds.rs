@@ -493,3 +493,78 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A member (here a user without grants: any certificate will do) cannot
+/// make a node hold more than its frame budget by announcing large frames
+/// on many streams and connections; other members are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_frames_in_progress_are_bounded() {
+    let c = tokio::task::block_in_place(|| Cluster::init("1h"));
+    let bob = c.dir.path().join("bob.conf");
+    tokio::task::block_in_place(|| c.ok(&["user", "add", "bob", "--out", bob.to_str().unwrap()]));
+    let cfg = ClientConfig::load(&bob).unwrap();
+    let key = NodeKey::from_pem(&cfg.key_pem).unwrap();
+    let creds = Credentials::from_pem(&cfg.cert_pem, &cfg.ca_pem, &key).unwrap();
+    let client = transport::client_config(
+        Some(&creds),
+        &ServerTrust::Cluster {
+            ca_der: ca_der(&c),
+            revoked: Default::default(),
+        },
+    )
+    .unwrap();
+    let pid = c.nodes[0].child.as_ref().unwrap().id();
+    let server: SocketAddr = c.nodes[0].addr.parse().unwrap();
+    let rss_before = rss_kib(pid);
+    // 4 connections × 100 streams, each announcing a 16 MiB frame and
+    // sending 2 MiB of it: 800 MiB if the node took all it was sent.
+    let ep = quinn::Endpoint::client(SocketAddr::new(source(&c, 0), 0)).unwrap();
+    let chunk = Arc::new(vec![3u8; 2 << 20]);
+    let mut writers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let conn = ep
+            .connect_with(client.clone(), server, transport::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            let (conn, chunk) = (conn.clone(), chunk.clone());
+            writers.push(tokio::spawn(async move {
+                let Ok((mut send, recv)) = conn.open_bi().await else {
+                    return;
+                };
+                let _ = send
+                    .write_all(&(metta_proto::MAX_FRAME_LEN as u32 - 8).to_be_bytes())
+                    .await;
+                let _ = send.write_all(&chunk).await;
+                // Hold the stream open.
+                std::future::pending::<()>().await;
+                drop(recv);
+            }));
+        }
+        conns.push(conn);
+    }
+    // Let it push for a while, then look.
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = peak.saturating_sub(rss_before);
+    eprintln!(
+        "mettad RSS {rss_before} KiB before, peak {peak} KiB under 800 MiB of announced frames"
+    );
+    // Budget 64 MiB of frames + 4 × 16 MiB windows, with room for the
+    // allocator; taking what was sent would be 800 MiB.
+    assert!(grown < 256 * 1024, "the node took {grown} KiB");
+    // The admin is served meanwhile.
+    tokio::task::block_in_place(|| admin_nodes_ok(&c));
+    for w in writers {
+        w.abort();
+    }
+    for conn in conns {
+        conn.close(0u32.into(), b"done");
+    }
+}
