@@ -650,6 +650,9 @@ pub fn envelope_claims(
     if from.node != peer {
         return Err(format!("domain {} is not placed on node/{peer}", env.from));
     }
+    if !may_send(&from.caps, &env.channel) {
+        return Err(format!("domain {} may not open {}", env.from, env.channel));
+    }
     match reg.route(&env.from, &env.channel) {
         Some(to) if to.name == env.to && to.node == here => {}
         Some(to) if to.name == env.to => {
@@ -674,6 +677,14 @@ pub fn envelope_claims(
         }
     }
     Ok(())
+}
+
+/// Whether a domain with `caps` may open `channel` (what the nucleus checks
+/// on an honest node, checked again for what a peer says its domain sent).
+pub fn may_send(caps: &metta_proto::CapSet, channel: &str) -> bool {
+    caps.channels
+        .iter()
+        .any(|p| metta_proto::grant::resource_covers(p, channel))
 }
 
 /// The matrix as the Markdown table `docs/ARCHITECTURE.md` shows.

@@ -30,7 +30,7 @@ use metta_nucleus::accounting::{self, Counters, RunState};
 use metta_nucleus::{Caps, FuelRate};
 use metta_proto::{
     ApiError, CapSet, DomainRuntime, Envelope, LogLines, NodeCall, NodeId, NodeKind, Reply,
-    ReplyRef, Request, Response,
+    ReplyRef, Request, Response, Subject,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
@@ -95,8 +95,9 @@ pub(crate) async fn started_within(
 pub enum Reach {
     /// A native node whose link this node holds: serve it here.
     Native(NodeCall),
-    /// Send this request to this address.
-    Remote(String, Request),
+    /// Send this request to this address, whose server must be this node
+    /// (for a native node: the control node registered at its address).
+    Remote(String, Request, Subject),
     /// The node is not in the registry.
     Gone,
 }
@@ -128,10 +129,28 @@ pub struct Domains {
 /// lanes' own token tables forget beyond the same number).
 const AWAITED_MAX: usize = 65_536;
 
-/// Reply tokens (the node that minted it, lane, token) of messages this
-/// node sent on to other nodes, and to which: its own lanes' and, on a
-/// control node, those of the native nodes it links.
-type Awaited = crate::limits::Recent<(NodeId, u32, u64), NodeId>;
+/// Reply tokens (lane, token) of messages this node sent on to other nodes,
+/// and to which, per node that minted them: its own lanes' and, on a
+/// control node, those of the native nodes it links. One table per minter,
+/// so a node that floods messages forgets only its own tokens.
+#[derive(Default)]
+struct Awaited(HashMap<NodeId, crate::limits::Recent<(u32, u64), NodeId>>);
+
+impl Awaited {
+    fn insert(&mut self, r: ReplyRef, to: NodeId) {
+        self.0
+            .entry(r.node)
+            .or_insert_with(|| crate::limits::Recent::new(AWAITED_MAX))
+            .insert((r.lane, r.token), to);
+    }
+
+    fn take(&mut self, minter: NodeId, lane: u32, token: u64, from: NodeId) -> bool {
+        self.0
+            .get_mut(&minter)
+            .and_then(|t| t.take_if(&(lane, token), |to| *to == from))
+            .is_some()
+    }
+}
 
 impl std::fmt::Debug for Domains {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,7 +199,7 @@ impl Domains {
             changed: Notify::new(),
             routed,
             answers,
-            awaited: Mutex::new(Awaited::new(AWAITED_MAX)),
+            awaited: Mutex::new(Awaited::default()),
         });
         tokio::spawn(d.clone().reconcile_loop(applied));
         tokio::spawn(d.clone().route_loop(routed_rx));
@@ -378,7 +397,7 @@ impl Domains {
                 self.awaited
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert((r.node, r.lane, r.token), to_node);
+                    .insert(r, to_node);
             }
             let tx = peers.entry(to_node).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -409,7 +428,9 @@ impl Domains {
                 attempt += 1;
                 let r = match self.reach(node, call.clone()) {
                     Reach::Native(call) => Ok(self.native.serve(node, call).await),
-                    Reach::Remote(addr, req) => self.transport.call(&addr, &req).await,
+                    Reach::Remote(addr, req, expect) => {
+                        self.transport.call_node(&addr, &expect, &req).await
+                    }
                     Reach::Gone => {
                         warn!(node, "{n} message(s) dropped: node left the cluster");
                         break;
@@ -445,9 +466,21 @@ impl Domains {
         match reg.nodes.get(&id) {
             None => Reach::Gone,
             Some(n) if n.kind == NodeKind::Native => {
-                Reach::Remote(n.addr.clone(), Request::Proxy { node: id, call })
+                // Its link is held by the control node at its address.
+                let proxy = reg
+                    .nodes
+                    .values()
+                    .find(|p| p.role == metta_proto::Role::Control && p.addr == n.addr);
+                match proxy {
+                    Some(p) => Reach::Remote(
+                        n.addr.clone(),
+                        Request::Proxy { node: id, call },
+                        Subject::Node(p.id),
+                    ),
+                    None => Reach::Gone,
+                }
             }
-            Some(n) => Reach::Remote(n.addr.clone(), Request::Node(call)),
+            Some(n) => Reach::Remote(n.addr.clone(), Request::Node(call), Subject::Node(id)),
         }
     }
 
@@ -464,8 +497,7 @@ impl Domains {
         self.awaited
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take_if(&(minter, lane, token), |to| *to == node)
-            .is_some()
+            .take(minter, lane, token, node)
     }
 
     /// Sends `env` (from a native domain) on to its domain on `to_node`.
@@ -512,10 +544,10 @@ impl Domains {
                         debug!("answer to node/{}: {e}", r.node);
                     }
                 }
-                Reach::Remote(addr, req) => {
+                Reach::Remote(addr, req, expect) => {
                     let transport = self.transport.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = transport.call(&addr, &req).await {
+                        if let Err(e) = transport.call_node(&addr, &expect, &req).await {
                             debug!("answer to node/{}: {e}", r.node);
                         }
                     });

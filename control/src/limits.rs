@@ -355,6 +355,8 @@ pub struct Attempts {
     pub join_token: Buckets<String>,
     /// Renewals per node.
     pub renew: Buckets<u64>,
+    /// Changes of a node's address (each one a registry write) per node.
+    pub addr_change: Buckets<u64>,
 }
 
 impl Default for Attempts {
@@ -363,6 +365,7 @@ impl Default for Attempts {
             join_source: Buckets::new(JOIN_SOURCE_BURST, JOIN_SOURCE_PER_SEC, 4096),
             join_token: Buckets::new(JOIN_TOKEN_BURST, JOIN_TOKEN_PER_SEC, 4096),
             renew: Buckets::new(RENEW_BURST, RENEW_PER_SEC, 4096),
+            addr_change: Buckets::new(RENEW_BURST, RENEW_PER_SEC, 4096),
         }
     }
 }

@@ -144,7 +144,7 @@ struct Link {
     calls: HashMap<u64, oneshot::Sender<Vec<u8>>>,
     /// The [`ReplyRef`]s of messages delivered to it: the only answers it
     /// may send (a native node answers for its own domains, nobody else's).
-    awaited: Recent<(NodeId, u32, u64), ()>,
+    awaited: HashMap<NodeId, Recent<(u32, u64), ()>>,
     /// Wakes its held sync.
     work: Arc<Notify>,
     /// Ticks after every sync it made.
@@ -168,7 +168,7 @@ impl Link {
             stats: None,
             logs: HashMap::new(),
             calls: HashMap::new(),
-            awaited: Recent::new(AWAITED_MAX),
+            awaited: HashMap::new(),
             work: Arc::new(Notify::new()),
             synced: watch::channel(0).0,
         }
@@ -298,9 +298,13 @@ impl NativeLinks {
                 .map(|d| d.name.clone())
                 .collect();
             for m in sync.outbound.drain(..) {
-                // A native node speaks only for its own domains, and their
-                // answers come back to it.
-                if !own.contains(&m.from) || m.reply.is_some_and(|r| r.node != node) {
+                // A native node speaks only for its own domains, on the
+                // channels they may open, and their answers come back to it.
+                let may = reg
+                    .domains
+                    .get(&m.from)
+                    .is_some_and(|d| d.node == node && crate::authz::may_send(&d.caps, &m.channel));
+                if !may || m.reply.is_some_and(|r| r.node != node) {
                     warn!(
                         node,
                         from = %m.from,
@@ -341,7 +345,8 @@ impl NativeLinks {
                 }
             } else if l
                 .awaited
-                .take_if(&(r.node, r.lane, r.token), |_| true)
+                .get_mut(&r.node)
+                .and_then(|t| t.take_if(&(r.lane, r.token), |_| true))
                 .is_some()
             {
                 produced.answers.push((r, payload));
@@ -617,7 +622,11 @@ impl NativeLinks {
                 self.mail(node, |l| {
                     for e in envs {
                         if let Some(r) = e.reply {
-                            l.awaited.insert((r.node, r.lane, r.token), ());
+                            // Per sender, so one cannot push out another's.
+                            l.awaited
+                                .entry(r.node)
+                                .or_insert_with(|| Recent::new(AWAITED_MAX))
+                                .insert((r.lane, r.token), ());
                         }
                         push_bounded(&mut l.deliver, e);
                     }
@@ -911,18 +920,21 @@ mod tests {
     #[test]
     fn a_native_node_speaks_only_for_its_own_domains() {
         let mut registry = Registry::default();
-        registry.domains.insert("c1".into(), rec("c1", 1));
+        let mut c1 = rec("c1", 1);
+        c1.caps.channels = vec!["/svc/x".into()];
+        registry.domains.insert("c1".into(), c1);
         let mut other = rec("elsewhere", 1);
         other.node = 8;
+        other.caps.channels = vec!["/svc/x".into()];
         registry.domains.insert("elsewhere".into(), other);
         let mut server = rec("server", 1);
         server.node = 8;
         server.caps.channels = vec!["/svc".into()];
         registry.domains.insert("server".into(), server);
         let links = NativeLinks::new(Arc::new(RwLock::new(registry)));
-        let msg = |from: &str, reply_node| OutboundMessage {
+        let on = |from: &str, channel: &str, reply_node| OutboundMessage {
             from: from.into(),
-            channel: "/svc/x".into(),
+            channel: channel.into(),
             payload: b"p".to_vec(),
             reply: Some(ReplyRef {
                 node: reply_node,
@@ -932,10 +944,13 @@ mod tests {
         };
         let mut sync = NodeSync {
             outbound: vec![
-                msg("c1", 7),
-                msg("elsewhere", 8),
-                msg("c1", 8),
-                msg("nobody", 7),
+                on("c1", "/svc/x", 7),
+                // Another node's domain, an answer sent elsewhere, nobody,
+                // a channel c1 may not open.
+                on("elsewhere", "/svc/x", 8),
+                on("c1", "/svc/x", 8),
+                on("nobody", "/svc/x", 7),
+                on("c1", "/svc/y", 7),
             ],
             // Never delivered to it: nothing to answer.
             answers: vec![(
@@ -954,7 +969,7 @@ mod tests {
         let (to_node, env) = &produced.messages[0];
         assert_eq!(
             (*to_node, env.from.as_str(), env.to.as_str()),
-            (8, "c1", "server")
+            (8, "c1", "elsewhere")
         );
         assert!(produced.answers.is_empty());
     }
@@ -983,7 +998,9 @@ mod tests {
                 .entry(7)
                 .or_insert_with(Link::new)
                 .awaited
-                .insert((r.node, r.lane, r.token), ());
+                .entry(r.node)
+                .or_insert_with(|| Recent::new(AWAITED_MAX))
+                .insert((r.lane, r.token), ());
         };
         delivered();
         assert_eq!(links.report(7, &mut batch(1)).answers.len(), 1);

@@ -2,9 +2,9 @@
 //! [`Request::Raft`] frame on a fresh QUIC stream of the (cached, mTLS)
 //! connection to the target member.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use metta_proto::{RaftRpc, Reply, Request};
+use metta_proto::{RaftRpc, Reply, Request, Role, Subject};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -17,6 +17,7 @@ use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::raft_types::TypeConfig;
+use crate::registry::Registry;
 use crate::transport::{Transport, TransportError};
 
 /// Encodes a Raft message for the wire.
@@ -34,6 +35,8 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, postcard::Error> {
 pub struct NetworkFactory {
     /// The node's transport.
     pub transport: Arc<Transport>,
+    /// The registry: which targets are control nodes.
+    pub registry: Arc<RwLock<Registry>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -42,6 +45,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Network {
         Network {
             transport: self.transport.clone(),
+            registry: self.registry.clone(),
             target,
             addr: node.addr.clone(),
         }
@@ -52,6 +56,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 #[derive(Debug)]
 pub struct Network {
     transport: Arc<Transport>,
+    registry: Arc<RwLock<Registry>>,
     target: u64,
     addr: String,
 }
@@ -59,6 +64,29 @@ pub struct Network {
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 
 impl Network {
+    /// Whether the target is a control node (a voter, which may tell a
+    /// leader or candidate about a newer term). A worker is a learner only:
+    /// what it says about votes is not believed.
+    fn target_votes(&self) -> bool {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes
+            .get(&self.target)
+            .is_some_and(|n| n.role == Role::Control)
+    }
+
+    /// A learner claiming a newer vote: treated as unreachable, so a
+    /// worker's certificate cannot make a leader step down.
+    fn disbelieved<E: std::error::Error>(&self, what: &str) -> RpcErr<E> {
+        let e = std::io::Error::other(format!(
+            "node/{} is not a voter and answered with {what}; not believed",
+            self.target
+        ));
+        tracing::warn!("{e}");
+        RPCError::Unreachable(Unreachable::new(&e))
+    }
+
     async fn rpc<Req, Resp, E>(
         &self,
         wrap: fn(Vec<u8>) -> RaftRpc,
@@ -70,9 +98,14 @@ impl Network {
         E: std::error::Error + DeserializeOwned,
     {
         let bytes = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // The server must be the node this connection is for.
         let reply = match self
             .transport
-            .call(&self.addr, &Request::Raft(wrap(bytes)))
+            .call_node(
+                &self.addr,
+                &Subject::Node(self.target),
+                &Request::Raft(wrap(bytes)),
+            )
             .await
         {
             Ok(r) => r,
@@ -103,7 +136,11 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
-        self.rpc(RaftRpc::AppendEntries, &rpc).await
+        let r: AppendEntriesResponse<u64> = self.rpc(RaftRpc::AppendEntries, &rpc).await?;
+        if matches!(r, AppendEntriesResponse::HigherVote(_)) && !self.target_votes() {
+            return Err(self.disbelieved("a higher vote"));
+        }
+        Ok(r)
     }
 
     async fn install_snapshot(
@@ -111,7 +148,11 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
-        self.rpc(RaftRpc::InstallSnapshot, &rpc).await
+        let r: InstallSnapshotResponse<u64> = self.rpc(RaftRpc::InstallSnapshot, &rpc).await?;
+        if r.vote > rpc.vote && !self.target_votes() {
+            return Err(self.disbelieved("a higher vote"));
+        }
+        Ok(r)
     }
 
     async fn vote(
@@ -119,6 +160,10 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: VoteRequest<u64>,
         _option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr> {
-        self.rpc(RaftRpc::Vote, &rpc).await
+        let r: VoteResponse<u64> = self.rpc(RaftRpc::Vote, &rpc).await?;
+        if r.vote > rpc.vote && !self.target_votes() {
+            return Err(self.disbelieved("a higher vote"));
+        }
+        Ok(r)
     }
 }

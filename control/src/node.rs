@@ -320,6 +320,7 @@ impl Node {
             raft_cfg,
             NetworkFactory {
                 transport: transport.clone(),
+                registry: registry.clone(),
             },
             log_store,
             sm,
@@ -472,6 +473,17 @@ impl Node {
             };
             let Some(incoming) = incoming else { return };
             let remote = incoming.remote_address();
+            // Under load, a source must prove it receives at its address
+            // (a Retry round trip) before it takes a handshake place, so
+            // spoofed packets cannot fill them.
+            if !incoming.remote_address_validated()
+                && self.quic_budget.load().0 >= crate::limits::PENDING_MAX / 4
+            {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
             let place = match self.quic_budget.handshake(remote.ip()) {
                 Ok(p) => p,
                 Err(busy) => {
@@ -582,7 +594,12 @@ impl Node {
             tokio::spawn(async move {
                 let read = read_frame::<Request>(&mut recv, max_frame, budget.as_ref()).await;
                 let response: Response = match read {
-                    Ok(req) => node.handle(&caller, req).await,
+                    // The budget is held until the request is handled.
+                    Ok((req, held)) => {
+                        let r = node.handle(&caller, req).await;
+                        drop(held);
+                        r
+                    }
                     Err(ReadError::Frame(e)) => {
                         Err(ApiError::InvalidArgument(format!("bad frame: {e}")))
                     }
@@ -727,12 +744,15 @@ impl Node {
         };
         match req {
             Request::Join(j) => {
+                // The token id as parsed (8 hex digits), never the raw text:
+                // it keys the rate limit and goes into the log.
+                let token_id = metta_trust::token::parse_credential(&j.token)
+                    .map_or_else(|_| "malformed".to_string(), |(id, _)| id);
                 // Relayed joins were limited where they arrived.
                 if who != Identity::Control {
-                    self.limit_join(caller, &j)?;
+                    self.limit_join(caller, &token_id)?;
                 }
                 let source = caller.remote;
-                let token_id = j.token.split('.').next().unwrap_or("").to_string();
                 let r = self.join(j).await;
                 if let Err(e) = &r {
                     if matches!(e, ApiError::Token(_) | ApiError::InvalidArgument(_)) {
@@ -748,6 +768,17 @@ impl Node {
                 if let (ApiRequest::Renew { .. }, Some(id)) = (&call, node_id) {
                     self.limit_renew(caller, id)?;
                 }
+                let call = match call {
+                    // A native node is reached through the control node
+                    // holding its link: only its sync says which.
+                    ApiRequest::Heartbeat(mut hb) if who == Identity::Native => {
+                        hb.addr = node_id
+                            .and_then(|id| self.registry().nodes.get(&id).map(|n| n.addr.clone()))
+                            .unwrap_or_default();
+                        ApiRequest::Heartbeat(hb)
+                    }
+                    call => call,
+                };
                 self.api(subject, call, true).await
             }
             Request::Forwarded { origin, call } => {
@@ -867,14 +898,13 @@ impl Node {
     }
 
     /// One join attempt from `caller` (per source address and token id).
-    fn limit_join(&self, caller: &Caller, j: &JoinRequest) -> Result<(), ApiError> {
+    fn limit_join(&self, caller: &Caller, token_id: &str) -> Result<(), ApiError> {
         let now = Instant::now();
-        let token_id = j.token.split('.').next().unwrap_or("").to_string();
         let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         let limited = a
             .join_source
             .take(&caller.remote.ip(), now)
-            .and_then(|()| a.join_token.take(&token_id, now));
+            .and_then(|()| a.join_token.take(&token_id.to_string(), now));
         limited.map_err(|l| {
             if l.first {
                 warn!(source = %caller.remote, token = %token_id, "join attempts rate-limited");
@@ -947,6 +977,7 @@ impl Node {
         loop {
             let leader = self.leader();
             let current = leader.as_ref().map(|l| l.0);
+            let expect = Subject::Node(current.unwrap_or_default());
             let outcome = match &leader {
                 Some((id, _)) if *id == self.cfg.node_id => {
                     return Err(ApiError::Unavailable(
@@ -954,7 +985,7 @@ impl Node {
                     ))
                 }
                 Some((id, addr)) => tokio::select! {
-                    r = self.transport.call(addr, &req) => Some(r.unwrap_or_else(|e| Err(
+                    r = self.transport.call_node(addr, &expect, &req) => Some(r.unwrap_or_else(|e| Err(
                         ApiError::Unavailable(format!("leader node/{id} at {addr} unreachable: {e}"))
                     ))),
                     _ = leader_changed(&mut metrics, current) => None,
@@ -1209,6 +1240,15 @@ impl Node {
                         signed.grant.issuer
                     )));
                 }
+                if signed.grant.resource.len() > 1024 || signed.signature.len() > 128 {
+                    return Err(ApiError::InvalidArgument(
+                        "a grant's resource is at most 1024 bytes".into(),
+                    ));
+                }
+                // Checked now, so a grant that cannot hold never reaches the
+                // log (and again when applied, in log order).
+                metta_trust::verify_grant(&signed, &*self.registry(), now)
+                    .map_err(|e| ApiError::GrantRejected(e.to_string()))?;
                 match self.write(Command::GrantAdd { signed, now }).await? {
                     Applied::Granted(id) => Ok(Reply::GrantAdded(id)),
                     other => Err(internal(format!("unexpected apply result {other:?}"))),
@@ -1264,7 +1304,7 @@ impl Node {
                 let Subject::Node(id) = subject else {
                     return Err(internal("heartbeat from a non-node"));
                 };
-                self.record_heartbeat(id, hb).await;
+                self.record_heartbeat(id, hb).await?;
                 Ok(Reply::Done)
             }
             ApiRequest::Renew { csr_pem } => {
@@ -1403,12 +1443,31 @@ impl Node {
         Ok(Reply::Work(work))
     }
 
-    async fn record_heartbeat(&self, id: NodeId, hb: Heartbeat) {
+    async fn record_heartbeat(&self, id: NodeId, hb: Heartbeat) -> Result<(), ApiError> {
+        if hb.addr.len() > 256 || hb.addr.parse::<SocketAddr>().is_err() {
+            return Err(ApiError::InvalidArgument(format!(
+                "heartbeat address {:?} is not ip:port",
+                hb.addr.chars().take(64).collect::<String>()
+            )));
+        }
         let addr_changed = self
             .registry()
             .nodes
             .get(&id)
             .is_some_and(|n| n.addr != hb.addr);
+        // A moving address is a registry write: a few, then one per 10 s.
+        let addr_changed = addr_changed && {
+            let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+            match a.addr_change.take(&id, Instant::now()) {
+                Ok(()) => true,
+                Err(l) => {
+                    if l.first {
+                        warn!(node = id, "address changes rate-limited");
+                    }
+                    false
+                }
+            }
+        };
         let addr = hb.addr.clone();
         self.heartbeats
             .lock()
@@ -1417,6 +1476,7 @@ impl Node {
         if addr_changed {
             let _ = self.write(Command::NodeAddr { id, addr }).await;
         }
+        Ok(())
     }
 
     async fn renew_for(&self, id: NodeId, csr_pem: &str, now: UnixTime) -> Response {
@@ -1618,15 +1678,21 @@ impl Node {
                 addr: self.cfg.advertise.clone(),
             };
             if self.is_leader() {
-                self.record_heartbeat(self.cfg.node_id, hb).await;
+                if let Err(e) = self.record_heartbeat(self.cfg.node_id, hb).await {
+                    warn!("own heartbeat: {e}");
+                }
                 continue;
             }
-            let Some((_, addr)) = self.leader() else {
+            let Some((leader, addr)) = self.leader() else {
                 continue;
             };
             if let Err(e) = self
                 .transport
-                .call_api(&addr, &Request::Api(ApiRequest::Heartbeat(hb)))
+                .call_api_node(
+                    &addr,
+                    &Subject::Node(leader),
+                    &Request::Api(ApiRequest::Heartbeat(hb)),
+                )
                 .await
             {
                 debug!("heartbeat to {addr}: {e}");
@@ -1774,9 +1840,13 @@ impl Node {
         let reply = if self.is_leader() {
             self.renew_for(self.cfg.node_id, &csr, clock::now()).await
         } else {
-            let (_, addr) = self.leader().ok_or("no leader")?;
+            let (leader, addr) = self.leader().ok_or("no leader")?;
             self.transport
-                .call_api(&addr, &Request::Api(ApiRequest::Renew { csr_pem: csr }))
+                .call_api_node(
+                    &addr,
+                    &Subject::Node(leader),
+                    &Request::Api(ApiRequest::Renew { csr_pem: csr }),
+                )
                 .await
                 .map_err(|e: CallError| ApiError::Unavailable(e.to_string()))
         };

@@ -70,8 +70,11 @@ impl Node {
         }
         match self.domains.reach(id, call) {
             Reach::Native(call) => self.native.serve(id, call).await,
-            Reach::Remote(addr, req) => {
-                self.transport.call(&addr, &req).await.unwrap_or_else(|e| {
+            Reach::Remote(addr, req, expect) => self
+                .transport
+                .call_node(&addr, &expect, &req)
+                .await
+                .unwrap_or_else(|e| {
                     let name = self
                         .registry()
                         .nodes
@@ -80,8 +83,7 @@ impl Node {
                     Err(ApiError::Unavailable(format!(
                         "node {name} ({addr}) unreachable: {e}"
                     )))
-                })
-            }
+                }),
             Reach::Gone => Err(ApiError::NotFound(format!("node/{id}"))),
         }
     }

@@ -298,16 +298,20 @@ pub enum ReadError {
     Frame(FrameError),
 }
 
+/// What a request costs of its sender's budget at least, however small.
+pub const MIN_CHARGE: usize = 16 * 1024;
+
 /// Reads exactly one frame from the stream (the header's length is checked
 /// against `max` before the payload is read). With a `budget`, the frame's
 /// length is taken from it (in bytes, waiting while others hold it) until
-/// the frame is decoded, so one peer's frames in progress are bounded in
-/// all, whatever it announces on how many streams.
+/// the caller drops the permit returned with it (after handling the
+/// request), so one peer's requests in progress are bounded in all,
+/// whatever it announces on how many streams.
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
     budget: Option<&Arc<tokio::sync::Semaphore>>,
-) -> Result<T, ReadError> {
+) -> Result<(T, Option<tokio::sync::OwnedSemaphorePermit>), ReadError> {
     let mut header = [0u8; frame::HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(n) => {
@@ -316,10 +320,12 @@ pub async fn read_frame<T: DeserializeOwned>(
         quinn::ReadExactError::ReadError(e) => ReadError::Io(e.to_string()),
     })?;
     let len = frame::parse_header(header, max).map_err(ReadError::Frame)?;
-    let _held = match budget {
+    let held = match budget {
         Some(b) => Some(
+            // Every request costs at least MIN_CHARGE, so the number in
+            // progress is bounded too.
             b.clone()
-                .acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+                .acquire_many_owned(u32::try_from(len.max(MIN_CHARGE)).unwrap_or(u32::MAX))
                 .await
                 .map_err(|_| ReadError::Io("shutting down".into()))?,
         ),
@@ -340,7 +346,8 @@ pub async fn read_frame<T: DeserializeOwned>(
             Err(e) => return Err(ReadError::Io(e.to_string())),
         }
     }
-    frame::decode(&payload).map_err(ReadError::Frame)
+    let msg = frame::decode(&payload).map_err(ReadError::Frame)?;
+    Ok((msg, held))
 }
 
 /// One UDP socket: a server (optionally) and a client with a connection cache.
@@ -473,7 +480,49 @@ impl Transport {
 
     /// Sends `req` to `addr` and waits for the response.
     pub async fn call(&self, addr: &str, req: &Request) -> Result<Response, TransportError> {
+        self.call_checked(addr, None, req).await
+    }
+
+    /// Like [`call`](Self::call), and the server's certificate must name
+    /// `expect` (a cluster certificate is not enough: any member's would
+    /// pass the CA check).
+    pub async fn call_node(
+        &self,
+        addr: &str,
+        expect: &metta_proto::Subject,
+        req: &Request,
+    ) -> Result<Response, TransportError> {
+        self.call_checked(addr, Some(expect), req).await
+    }
+
+    async fn call_checked(
+        &self,
+        addr: &str,
+        expect: Option<&metta_proto::Subject>,
+        req: &Request,
+    ) -> Result<Response, TransportError> {
         let conn = self.connection(addr).await?;
+        if let Some(expect) = expect {
+            let found = conn
+                .peer_identity()
+                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .and_then(|c| {
+                    c.first()
+                        .and_then(|d| metta_trust::parse_cert(d.as_ref()).ok())
+                })
+                .map(|c| c.subject);
+            if found.as_ref() != Some(expect) {
+                let msg = format!(
+                    "expected {expect} there, but the server is {}",
+                    found.map_or("unknown".to_string(), |s| s.to_string())
+                );
+                tracing::warn!(%addr, "{msg}");
+                return Err(TransportError::Refused {
+                    addr: addr.into(),
+                    msg,
+                });
+            }
+        }
         // In TLS 1.3 the server checks the client's certificate after the
         // client's handshake is done: a refusal shows up as the connection
         // closing under the first stream.
@@ -493,7 +542,7 @@ impl Transport {
             .map_err(|e| stream_err(e.to_string()))?;
         write_frame(&mut send, req).await.map_err(stream_err)?;
         match read_frame::<Response>(&mut recv, MAX_FRAME_LEN, None).await {
-            Ok(r) => Ok(r),
+            Ok((r, _)) => Ok(r),
             Err(ReadError::Io(e)) => Err(stream_err(e)),
             Err(ReadError::Frame(err)) => Err(TransportError::Frame {
                 addr: addr.into(),
@@ -505,6 +554,20 @@ impl Transport {
     /// Like [`call`](Self::call), flattening an API error into `Err(Ok(e))`-free form.
     pub async fn call_api(&self, addr: &str, req: &Request) -> Result<Reply, CallError> {
         match self.call(addr, req).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(CallError::Api(e)),
+            Err(e) => Err(CallError::Transport(e)),
+        }
+    }
+
+    /// [`call_api`](Self::call_api) to the node `expect` at `addr`.
+    pub async fn call_api_node(
+        &self,
+        addr: &str,
+        expect: &metta_proto::Subject,
+        req: &Request,
+    ) -> Result<Reply, CallError> {
+        match self.call_node(addr, expect, req).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(CallError::Api(e)),
             Err(e) => Err(CallError::Transport(e)),

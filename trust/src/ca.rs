@@ -404,10 +404,15 @@ impl ClusterCa {
         )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        // A user's certificate cannot serve: only nodes answer connections.
+        params.extended_key_usages = if subject.is_node() {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         params.not_before = to_time(not_before, "not_before")?;
         params.not_after = to_time(not_after, "not_after")?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -539,7 +544,13 @@ mod tests {
         let user = Subject::User("bob".into());
         let csr = make_csr(&key, &user, "lab").unwrap();
         let c = ca.issue(&csr, &user, T0, 3600, [3; 16]).unwrap();
-        assert_eq!(parse_cert(&c.der).unwrap().role, None);
+        let info = parse_cert(&c.der).unwrap();
+        assert_eq!(info.role, None);
+        // A user's certificate cannot stand in for a server.
+        assert!(info.client_auth && !info.server_auth);
+        let none = RevocationList::default();
+        assert!(check_cert(&c.der, "lab", T0, Purpose::Server, &none).is_err());
+        assert!(check_cert(&c.der, "lab", T0, Purpose::Client, &none).is_ok());
     }
 
     #[test]
