@@ -973,7 +973,18 @@ mod tests {
         let issue = |subject: Subject| {
             let key = NodeKey::generate().unwrap();
             let csr = metta_trust::make_csr(&key, &subject, "lab").unwrap();
-            let cert = ca.issue(&csr, &subject, now, 3600, rand::random()).unwrap();
+            let cert = match subject {
+                Subject::Node(id) => ca.issue_node(
+                    &csr,
+                    id,
+                    metta_proto::Role::Control,
+                    now,
+                    3600,
+                    rand::random(),
+                ),
+                _ => ca.issue(&csr, &subject, now, 3600, rand::random()),
+            }
+            .unwrap();
             Credentials::from_pem(&cert.pem, ca.cert_pem(), &key).unwrap()
         };
         let revoked = Arc::new(RwLock::new(RevocationList::default()));

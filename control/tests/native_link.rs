@@ -181,13 +181,15 @@ fn a_native_node_gets_its_domains_calls_and_stops_through_sync() {
     let (config, cert_not_after) = join_native(&c, "kern", &resources);
     let module = std::fs::read(&counter).unwrap();
 
-    // A worker does not hold native nodes' links.
+    // A worker does not hold native nodes' links: the link refuses a server
+    // whose certificate is not a control node's (and the worker would
+    // refuse the sync).
     {
         let mut tcp = connect(&c.nodes[2].addr);
         let mut s = Session::new(&config, now(), &entropy()).unwrap();
         let sync = Request::Sync(metta_proto::NodeSync::default());
         match call(&mut s, &mut tcp, &sync) {
-            Ok(Err(e)) => assert!(e.to_string().contains("is a worker"), "{e}"),
+            Err(e) => assert!(e.to_string().contains("not a control node"), "{e}"),
             other => panic!("a worker answered a sync with {other:?}"),
         }
     }

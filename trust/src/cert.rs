@@ -77,6 +77,13 @@ pub enum CertError {
         /// Who answered.
         found: Subject,
     },
+    /// The server is a member, but not a control node (only control nodes
+    /// admit joins and hold native nodes' links).
+    #[error("the server is {found}, which is not a control node: join through (and link to) a control node")]
+    NotControl {
+        /// Who answered.
+        found: Subject,
+    },
     /// The server did not present the CA certificate named by the join token.
     #[error("the server did not present the cluster CA pinned by the join token: wrong cluster, or a man in the middle")]
     PinMismatch,

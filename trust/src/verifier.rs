@@ -216,6 +216,8 @@ struct ServerPolicy<'a> {
     cluster: &'a str,
     revoked: &'a RevocationList,
     expected: Option<&'a Subject>,
+    /// The server must be a control node (its certificate's role).
+    control_only: bool,
     algs: &'a WebPkiSupportedAlgorithms,
 }
 
@@ -253,6 +255,14 @@ impl ServerPolicy<'_> {
                     now,
                 ));
             }
+        }
+        if self.control_only && info.role != Some(metta_proto::Role::Control) {
+            return Err(tls_error(
+                CertError::NotControl {
+                    found: info.subject,
+                },
+                now,
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -316,6 +326,9 @@ impl ServerCertVerifier for ClusterServerVerifier {
             cluster: &self.cluster,
             revoked: &read(&self.revoked),
             expected: self.expected.as_ref(),
+            // Members reach workers too (the leader asks them about their
+            // domains): who is meant is checked by name.
+            control_only: false,
             algs: &self.algs,
         }
         .verify(end_entity, intermediates, now)
@@ -395,6 +408,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
             cluster: &cluster,
             revoked: &RevocationList::default(),
             expected: None,
+            // A joining machine hands its token to the server: only a
+            // control node (whose certificate says so) may have it.
+            control_only: true,
             algs: &self.algs,
         }
         .verify(end_entity, intermediates, now)
@@ -452,7 +468,14 @@ mod tests {
     fn party(ca: &ClusterCa, subject: Subject, lifetime: u64, with_ca: bool) -> Party {
         let key = NodeKey::generate().unwrap();
         let csr = make_csr(&key, &subject, ca.cluster()).unwrap();
-        let cert = ca.issue(&csr, &subject, T0, lifetime, [3; 16]).unwrap();
+        // Nodes in these tests are control nodes (as a pinned server must be).
+        let cert = match subject {
+            Subject::Node(id) => {
+                ca.issue_node(&csr, id, metta_proto::Role::Control, T0, lifetime, [3; 16])
+            }
+            _ => ca.issue(&csr, &subject, T0, lifetime, [3; 16]),
+        }
+        .unwrap();
         let mut chain = vec![CertificateDer::from(cert.der)];
         if with_ca {
             chain.push(CertificateDer::from(ca.cert_der().to_vec()));
@@ -776,6 +799,37 @@ mod tests {
             server_config(&ca, &server, rl(), T0),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn pinned_join_refuses_a_worker_standing_in_for_the_control_plane() {
+        let ca = ClusterCa::create("lab", T0, 86400 * 365).unwrap();
+        let key = NodeKey::generate().unwrap();
+        let csr = make_csr(&key, &Subject::Node(7), ca.cluster()).unwrap();
+        let cert = ca
+            .issue_node(&csr, 7, metta_proto::Role::Worker, T0, 3600, [5; 16])
+            .unwrap();
+        let worker = Party {
+            key,
+            chain: vec![
+                CertificateDer::from(cert.der),
+                CertificateDer::from(ca.cert_der().to_vec()),
+            ],
+        };
+        let err = handshake(
+            client_config(Arc::new(PinnedServerVerifier::new(ca.pin())), None, T0),
+            server_config(&ca, &worker, rl(), T0),
+        )
+        .unwrap_err();
+        let Failed::Client(e) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            cert_error(e),
+            Some(&CertError::NotControl {
+                found: Subject::Node(7)
+            })
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum CertProblem {
     },
     /// The certificate is not valid for TLS servers (EKU serverAuth missing).
     WrongEku,
+    /// A member, but not a control node: a native node joins through and
+    /// links to control nodes only.
+    NotControl(Subject),
     /// A valid member, but not the one we meant to reach.
     WrongSubject {
         /// Who we wanted.
@@ -98,6 +101,10 @@ impl fmt::Display for CertProblem {
             CertProblem::WrongEku => {
                 f.write_str("the certificate is not valid for serverAuth (extended key usage)")
             }
+            CertProblem::NotControl(found) => write!(
+                f,
+                "the server is {found}, which is not a control node: use a control node's address"
+            ),
             CertProblem::WrongSubject { expected, found } => {
                 write!(f, "connected to {found}, but expected {expected}")
             }
@@ -128,6 +135,30 @@ pub struct LeafInfo {
     pub server_auth: bool,
     /// EKU clientAuth present.
     pub client_auth: bool,
+    /// The CA attested the control role (subject OU `metta-control`).
+    pub control: bool,
+}
+
+/// The subject OU of a control node's certificate (as `metta_trust` issues
+/// it).
+pub const ROLE_CONTROL_OU: &str = "metta-control";
+
+/// Whether the certificate's subject carries the OU `metta-control`.
+fn is_control(cert: &Certificate) -> bool {
+    const OU: const_oid::ObjectIdentifier = const_oid::db::rfc4519::OU;
+    cert.tbs_certificate.subject.0.iter().any(|rdn| {
+        rdn.0.iter().any(|atv| {
+            atv.oid == OU
+                && (atv
+                    .value
+                    .decode_as::<der::asn1::Utf8StringRef<'_>>()
+                    .is_ok_and(|s| s.as_str() == ROLE_CONTROL_OU)
+                    || atv
+                        .value
+                        .decode_as::<der::asn1::PrintableStringRef<'_>>()
+                        .is_ok_and(|s| s.as_str() == ROLE_CONTROL_OU))
+        })
+    })
 }
 
 fn decode(der: &[u8]) -> Result<Certificate, CertProblem> {
@@ -223,6 +254,7 @@ pub fn parse_leaf(der: &[u8]) -> Result<LeafInfo, CertProblem> {
         client_auth |= eku.0.contains(&ID_KP_CLIENT_AUTH);
     }
     let validity = &cert.tbs_certificate.validity;
+    let control = is_control(&cert);
     Ok(LeafInfo {
         subject,
         cluster,
@@ -235,6 +267,7 @@ pub fn parse_leaf(der: &[u8]) -> Result<LeafInfo, CertProblem> {
             .map_err(|e| CertProblem::Malformed(e.to_string()))?,
         server_auth,
         client_auth,
+        control,
     })
 }
 
@@ -274,6 +307,11 @@ pub fn check_server_leaf(
                 found: info.subject,
             });
         }
+    }
+    // A native node talks only to control nodes: joining (its token) and
+    // its link (its domains' work).
+    if !info.control {
+        return Err(CertProblem::NotControl(info.subject));
     }
     Ok(info)
 }

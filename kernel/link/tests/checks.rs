@@ -20,8 +20,25 @@ fn craft(
     eku: &[ExtendedKeyUsagePurpose],
     is_ca: bool,
 ) -> Vec<u8> {
+    // Node certificates carry the control role, as control nodes' do.
+    let node = uris.iter().any(|u| u.contains("/node/"));
+    craft_with_ou(ca, key, uris, eku, is_ca, node.then_some("metta-control"))
+}
+
+fn craft_with_ou(
+    ca: &ClusterCa,
+    key: &NodeKey,
+    uris: &[&str],
+    eku: &[ExtendedKeyUsagePurpose],
+    is_ca: bool,
+    ou: Option<&str>,
+) -> Vec<u8> {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, "crafted");
+    if let Some(ou) = ou {
+        p.distinguished_name
+            .push(DnType::OrganizationalUnitName, ou);
+    }
     p.subject_alt_names = uris
         .iter()
         .map(|u| SanType::URI((*u).try_into().unwrap()))
@@ -50,6 +67,7 @@ fn class_mine(r: Result<metta_link::LeafInfo, CertProblem>) -> String {
         Err(CertProblem::NotYetValid { not_before }) => format!("not yet {not_before}"),
         Err(CertProblem::WrongEku) => "eku".into(),
         Err(CertProblem::WrongSubject { found, .. }) => format!("subject {found}"),
+        Err(CertProblem::NotControl(found)) => format!("not control {found}"),
         Err(other) => format!("other {other}"),
     }
 }
@@ -64,6 +82,7 @@ fn class_theirs(r: Result<metta_trust::CertInfo, CertError>) -> String {
         Err(CertError::NotYetValid { not_before }) => format!("not yet {not_before}"),
         Err(CertError::WrongEku { .. }) => "eku".into(),
         Err(CertError::WrongSubject { found, .. }) => format!("subject {found}"),
+        Err(CertError::NotControl { found }) => format!("not control {found}"),
         Err(other) => format!("other {other}"),
     }
 }
@@ -137,6 +156,21 @@ fn same_verdicts_as_metta_trust() {
             craft(&ca, &key, &["metta://lab/node/4"], &both, true),
         ),
         ("the ca itself", ca.cert_der().to_vec()),
+        (
+            "a worker",
+            craft_with_ou(
+                &ca,
+                &key,
+                &["metta://lab/node/4"],
+                &both,
+                false,
+                Some("metta-worker"),
+            ),
+        ),
+        (
+            "no role",
+            craft_with_ou(&ca, &key, &["metta://lab/node/4"], &both, false, None),
+        ),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for (name, der) in &certs {
@@ -150,6 +184,12 @@ fn same_verdicts_as_metta_trust() {
                                 expected: e.clone(),
                                 found: info.subject,
                             }),
+                            // A native node talks only to control nodes.
+                            _ if info.role != Some(metta_proto::Role::Control) => {
+                                Err(CertError::NotControl {
+                                    found: info.subject,
+                                })
+                            }
                             _ => Ok(info),
                         });
                 let theirs = class_theirs(theirs);
@@ -166,6 +206,7 @@ fn same_verdicts_as_metta_trust() {
         "foreign prod",
         "eku",
         "subject node/4",
+        "not control node/4",
     ] {
         assert!(seen.contains(class), "{class} not exercised: {seen:?}");
     }

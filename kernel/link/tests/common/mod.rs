@@ -51,7 +51,14 @@ pub struct Party {
 pub fn party(ca: &ClusterCa, subject: Subject, lifetime: u64, with_ca: bool) -> Party {
     let key = NodeKey::generate().unwrap();
     let csr = make_csr(&key, &subject, ca.cluster()).unwrap();
-    let cert = ca.issue(&csr, &subject, T0, lifetime, [3; 16]).unwrap();
+    // Servers in these tests are control nodes, as the link requires.
+    let cert = match subject {
+        Subject::Node(id) => {
+            ca.issue_node(&csr, id, metta_proto::Role::Control, T0, lifetime, [3; 16])
+        }
+        _ => ca.issue(&csr, &subject, T0, lifetime, [3; 16]),
+    }
+    .unwrap();
     let mut chain = vec![CertificateDer::from(cert.der)];
     if with_ca {
         chain.push(CertificateDer::from(ca.cert_der().to_vec()));
