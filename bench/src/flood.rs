@@ -287,9 +287,14 @@ pub async fn main(args: FloodArgs) -> anyhow::Result<()> {
     let server: SocketAddr = c.leader.parse().context("the leader's address")?;
     let admin = ClientConfig::load(&tmp.path().join("admin.conf"))?;
     let ca_der = metta_trust_pem_to_der(&admin.ca_pem)?;
-    let pin = ServerTrust::Pinned(metta_trust::CaPin::of_der(&ca_der));
-    let quic = transport::client_config(None, &pin)?;
-    let tls = Arc::new(transport::tls_client_config(None, &pin)?);
+    // The flood checks only that it reached the cluster (not the node's
+    // role), so it runs against earlier releases too.
+    let trust = ServerTrust::Cluster {
+        ca_der,
+        revoked: Default::default(),
+    };
+    let quic = transport::client_config(None, &trust)?;
+    let tls = Arc::new(transport::tls_client_config(None, &trust)?);
 
     eprintln!("idle: measuring");
     let mut phases = vec![phase("idle", &args, &c, pid).await?];

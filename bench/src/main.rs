@@ -411,7 +411,8 @@ struct RunResult {
 /// `mettad` and `mettactl` in `bin_dir`, or next to this binary.
 fn find_bins(bin_dir: Option<&Path>) -> anyhow::Result<Bins> {
     let dir = match bin_dir {
-        Some(d) => d.to_path_buf(),
+        // Absolute: mettactl runs in the cluster's directory.
+        Some(d) => std::path::absolute(d).with_context(|| format!("--bin-dir {}", d.display()))?,
         None => std::env::current_exe()?
             .parent()
             .ok_or_else(|| anyhow!("this binary has no parent directory"))?
