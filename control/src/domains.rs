@@ -40,6 +40,12 @@ use crate::native::NativeLinks;
 use crate::registry::{DomainRecord, Registry};
 use crate::transport::Transport;
 
+/// Messages waiting for the router (from this node's lanes and the native
+/// nodes it links); a lane's send fails when it is full.
+pub const ROUTER_QUEUE: usize = 65_536;
+/// Messages waiting to go to one other node; beyond, they are dropped.
+pub const PEER_QUEUE: usize = 16_384;
+
 /// Envelopes sent to a node in one [`NodeCall::Deliver`].
 pub const MAX_DELIVER_BATCH: usize = 256;
 /// Attempts to hand a batch to another node before dropping it.
@@ -118,8 +124,10 @@ pub struct Domains {
     rate: Mutex<Option<FuelRate>>,
     state: Mutex<State>,
     changed: Notify,
-    routed: mpsc::UnboundedSender<Routed>,
+    routed: mpsc::Sender<Routed>,
     answers: mpsc::UnboundedSender<(ReplyRef, Vec<u8>)>,
+    /// Messages dropped because a queue was full.
+    dropped: std::sync::atomic::AtomicU64,
     /// Which node each reply token (lane, token) minted here went to, so
     /// only that node can answer it.
     awaited: Mutex<Awaited>,
@@ -186,7 +194,7 @@ impl Domains {
         native: Arc<NativeLinks>,
         applied: watch::Receiver<u64>,
     ) -> Arc<Domains> {
-        let (routed, routed_rx) = mpsc::unbounded_channel();
+        let (routed, routed_rx) = mpsc::channel(ROUTER_QUEUE);
         let (answers, answers_rx) = mpsc::unbounded_channel();
         let d = Arc::new(Domains {
             me,
@@ -199,6 +207,7 @@ impl Domains {
             changed: Notify::new(),
             routed,
             answers,
+            dropped: std::sync::atomic::AtomicU64::new(0),
             awaited: Mutex::new(Awaited::default()),
         });
         tokio::spawn(d.clone().reconcile_loop(applied));
@@ -263,8 +272,15 @@ impl Domains {
                     }),
                 };
                 routed
-                    .send(Routed { to_node, env })
-                    .map_err(|_| "the node is shutting down".to_string())
+                    .try_send(Routed { to_node, env })
+                    .map_err(|e| match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            "the node's router is full; message dropped".to_string()
+                        }
+                        mpsc::error::TrySendError::Closed(_) => {
+                            "the node is shutting down".to_string()
+                        }
+                    })
             })
         };
         let cfg = HostedConfig {
@@ -384,8 +400,19 @@ impl Domains {
 
     // ---------------------------------------------------------------- routing
 
-    async fn route_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Routed>) {
-        let mut peers: HashMap<NodeId, mpsc::UnboundedSender<Envelope>> = HashMap::new();
+    /// Counts a message dropped on a full queue; says so at 1, 2, 4, ...
+    fn note_dropped(&self, node: NodeId) {
+        let n = self
+            .dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            warn!(node, dropped = n, "message queue full; messages dropped");
+        }
+    }
+
+    async fn route_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Routed>) {
+        let mut peers: HashMap<NodeId, mpsc::Sender<Envelope>> = HashMap::new();
         while let Some(Routed { to_node, env }) = rx.recv().await {
             if to_node == self.me {
                 let d = self.clone();
@@ -400,19 +427,25 @@ impl Domains {
                     .insert(r, to_node);
             }
             let tx = peers.entry(to_node).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(PEER_QUEUE);
                 tokio::spawn(self.clone().peer_loop(to_node, rx));
                 tx
             });
-            if let Err(mpsc::error::SendError(env)) = tx.send(env) {
-                warn!(node = to_node, to = %env.to, "router for node gone; message dropped");
-                peers.remove(&to_node);
+            // A slow or unreachable node's queue is bounded: beyond it,
+            // messages to it are dropped (delivery is at most once).
+            match tx.try_send(env) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => self.note_dropped(to_node),
+                Err(mpsc::error::TrySendError::Closed(env)) => {
+                    warn!(node = to_node, to = %env.to, "router for node gone; message dropped");
+                    peers.remove(&to_node);
+                }
             }
         }
     }
 
     /// Sends envelopes to one node, in order, batching what queued up.
-    async fn peer_loop(self: Arc<Self>, node: NodeId, mut rx: mpsc::UnboundedReceiver<Envelope>) {
+    async fn peer_loop(self: Arc<Self>, node: NodeId, mut rx: mpsc::Receiver<Envelope>) {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             while batch.len() < MAX_DELIVER_BATCH {
@@ -502,8 +535,8 @@ impl Domains {
 
     /// Sends `env` (from a native domain) on to its domain on `to_node`.
     pub fn send(&self, to_node: NodeId, env: Envelope) {
-        if self.routed.send(Routed { to_node, env }).is_err() {
-            debug!("router gone; message dropped");
+        if self.routed.try_send(Routed { to_node, env }).is_err() {
+            self.note_dropped(to_node);
         }
     }
 
