@@ -751,7 +751,10 @@ impl Registry {
             .map(|(id, g)| GrantInfo {
                 id: *id,
                 grant: g.signed.clone(),
-                revoked: g.revoked,
+                // A grant is void once its subject or issuer is revoked.
+                revoked: g.revoked
+                    || self.revoked.subject_revoked(&g.signed.grant.subject)
+                    || self.revoked.subject_revoked(&g.signed.grant.issuer),
             })
             .collect()
     }

@@ -178,6 +178,26 @@ fn bad_tokens_are_refused_with_a_clear_reason_and_change_nothing() {
     assert!(stderr(&o).contains("token expired"), "{}", stderr(&o));
     // Nothing was admitted, and the node still serves.
     assert_eq!(c.nodes_json().unwrap().len(), 1);
+    // `token ls` says what each token is good for now.
+    let one = c.token("worker", 1);
+    let (_, _, o) = c.join_cmd(&one, "x6");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fresh = c.token("worker", 1);
+    let ls: serde_json::Value =
+        serde_json::from_str(&c.ok(&["token", "ls", "-o", "json"])).unwrap();
+    let state = |token: &str| {
+        let id = token.split('.').nth(1).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| t["state"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(state(&good), "revoked");
+    assert_eq!(state(&short), "expired");
+    assert_eq!(state(&one), "used");
+    assert_eq!(state(&fresh), "active");
 }
 
 #[test]
@@ -212,4 +232,36 @@ fn unauthorised_calls_are_denied_and_grants_narrow() {
     assert!(stderr(&o).contains("permission denied: user/carol lacks write on /kv/x"));
     // the denied write changed nothing
     assert_eq!(c.ok(&["kv", "get", "x"]).trim(), "1");
+    // A revoked identity's grants are listed as revoked, not active.
+    c.ok(&["revoke", "user/carol"]);
+    let gs: serde_json::Value = serde_json::from_str(&c.ok(&["grants", "-o", "json"])).unwrap();
+    let carols: Vec<_> = gs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["subject"] == "user/carol")
+        .collect();
+    assert!(!carols.is_empty());
+    assert!(carols.iter().all(|g| g["state"] == "revoked"), "{carols:?}");
+    let bobs = gs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["subject"] == "user/bob");
+    assert_eq!(bobs.unwrap()["state"], "active");
+}
+
+#[test]
+fn the_binaries_say_their_own_names_and_version() {
+    for (bin, name) in [(METTACTL, "mettactl"), (METTAD, "mettad")] {
+        let o = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .expect("run --version");
+        assert!(o.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
 }

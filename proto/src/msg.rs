@@ -683,7 +683,7 @@ pub struct GrantInfo {
     pub id: GrantId,
     /// The grant.
     pub grant: SignedGrant,
-    /// Revoked.
+    /// Revoked: the grant itself, or its subject or issuer.
     pub revoked: bool,
 }
 

@@ -25,7 +25,7 @@ use domains::{ImageCmd, RunArgs, VendorCmd};
 /// `~/.metta/config`), written by `mettactl init` for the admin and by
 /// `mettactl user add` for everyone else.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(name = "mettactl", version, propagate_version = true)]
 struct Cli {
     /// Client config file (cluster address, CA, your certificate and key).
     #[arg(long, global = true, env = "METTA_CONFIG")]
@@ -364,6 +364,37 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
+/// What a token is good for now: `revoked`, `used` (no joins left),
+/// `expired` or `active`.
+fn token_state(t: &metta_proto::TokenInfo) -> &'static str {
+    if t.revoked {
+        "revoked"
+    } else if t.uses_left == 0 {
+        "used"
+    } else if t.expires_at <= metta_control::clock::now() {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// What a grant is good for now: `revoked` (it, its subject or its issuer),
+/// `expired` or `active`.
+fn grant_state(g: &metta_proto::GrantInfo) -> &'static str {
+    if g.revoked {
+        "revoked"
+    } else if g
+        .grant
+        .grant
+        .expires_at
+        .is_some_and(|t| t <= metta_control::clock::now())
+    {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
 fn fmt_time(t: u64) -> String {
     let now = metta_control::clock::now();
     if t <= now {
@@ -618,7 +649,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 .map(|t| {
                                     json!({"id": t.id, "role": t.role.to_string(),
                                     "expires_at": t.expires_at, "uses_left": t.uses_left,
-                                    "revoked": t.revoked, "created_by": t.created_by.to_string()})
+                                    "revoked": t.revoked, "state": token_state(t),
+                                    "created_by": t.created_by.to_string()})
                                 })
                                 .collect(),
                         ));
@@ -634,7 +666,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 t.role.to_string(),
                                 fmt_time(t.expires_at),
                                 t.uses_left,
-                                if t.revoked { "revoked" } else { "active" },
+                                token_state(&t),
                                 t.created_by
                             );
                         }
@@ -772,7 +804,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             "resource": gr.resource, "expires_at": gr.expires_at,
                             "delegable": gr.delegable,
                             "parent": gr.parent.map(|p| hex::encode(p.0)),
-                            "revoked": g.revoked})
+                            "revoked": g.revoked, "state": grant_state(g)})
                         })
                         .collect(),
                 ));
@@ -792,7 +824,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         gr.resource,
                         gr.expires_at.map(fmt_time).unwrap_or("never".into()),
                         if gr.delegable { "yes" } else { "no" },
-                        if g.revoked { "revoked" } else { "active" }
+                        grant_state(&g)
                     );
                 }
             }

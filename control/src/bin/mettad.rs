@@ -15,7 +15,7 @@ use metta_control::node::Node;
 /// A data directory is created by `mettactl init` (a new cluster) or
 /// `mettactl join` (joining one); mettad then runs the node it describes.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "mettad", version)]
 struct Args {
     /// The node's data directory.
     #[arg(long, short = 'd', env = "METTA_DATA_DIR")]
