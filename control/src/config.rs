@@ -33,12 +33,13 @@ use serde::{Deserialize, Serialize};
 #[non_exhaustive]
 pub enum ConfigError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    // The cause is part of the message, not a `source`: printed once.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file is not valid TOML / JSON of the expected shape.
     #[error("{path}: {msg}")]
@@ -54,9 +55,9 @@ pub enum ConfigError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
-    move |source| ConfigError::Io {
+    move |cause| ConfigError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

@@ -1247,8 +1247,49 @@ impl Node {
                 }
                 // Checked now, so a grant that cannot hold never reaches the
                 // log (and again when applied, in log order).
-                metta_trust::verify_grant(&signed, &*self.registry(), now)
-                    .map_err(|e| ApiError::GrantRejected(e.to_string()))?;
+                {
+                    let reg = self.registry();
+                    metta_trust::verify_grant(&signed, &*reg, now)
+                        .map_err(|e| ApiError::GrantRejected(e.to_string()))?;
+                    let g = &signed.grant;
+                    let exists = match &g.subject {
+                        Subject::User(n) => reg.users.contains_key(n),
+                        Subject::Node(id) => reg.nodes.contains_key(id),
+                    };
+                    if !exists {
+                        return Err(ApiError::NotFound(match &g.subject {
+                            Subject::User(n) => {
+                                format!("no user {n} (add it first: `mettactl user add {n}`)")
+                            }
+                            s => format!("no {s} in the cluster"),
+                        }));
+                    }
+                    let same = reg.grants.iter().find(|(_, r)| {
+                        let h = &r.signed.grant;
+                        !r.revoked
+                            && (
+                                &h.issuer,
+                                &h.subject,
+                                h.rights,
+                                &h.resource,
+                                h.expires_at,
+                                h.delegable,
+                            ) == (
+                                &g.issuer,
+                                &g.subject,
+                                g.rights,
+                                &g.resource,
+                                g.expires_at,
+                                g.delegable,
+                            )
+                    });
+                    if let Some((id, _)) = same {
+                        return Err(ApiError::AlreadyExists(format!(
+                            "{} already holds {} on {} (grant {id})",
+                            g.subject, g.rights, g.resource
+                        )));
+                    }
+                }
                 match self.write(Command::GrantAdd { signed, now }).await? {
                     Applied::Granted(id) => Ok(Reply::GrantAdded(id)),
                     other => Err(internal(format!("unexpected apply result {other:?}"))),

@@ -243,3 +243,15 @@ async fn forged_and_expired_grants_are_rejected_and_stored_nothing() {
     };
     assert_eq!(grants_before, grants_after);
 }
+
+#[test]
+fn a_missing_client_config_says_so_once() {
+    let o = ctl(std::path::Path::new("/nonexistent/metta.conf"), &["nodes"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("reading client config /nonexistent/metta.conf"),
+        "{e}"
+    );
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}

@@ -217,6 +217,15 @@ fn unauthorised_calls_are_denied_and_grants_narrow() {
     assert!(stderr(&o).contains("permission denied: user/bob lacks read on /nodes"));
     // admin grants bob read+write on /kv, delegable
     c.ok(&["grant", "bob", "read,write", "--on", "/kv", "--delegable"]);
+    // the same again, or to nobody: refused, saying why
+    let o = c.ctl(&["grant", "bob", "read,write", "--on", "/kv", "--delegable"]);
+    assert!(
+        stderr(&o).contains("user/bob already holds"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.ctl(&["grant", "ghost", "read", "--on", "/kv"]);
+    assert!(stderr(&o).contains("no user ghost"), "{}", stderr(&o));
     assert!(ctl(&bob, &["kv", "put", "x", "1"]).status.success());
     let o = ctl(&bob, &["nodes"]);
     assert!(!o.status.success());

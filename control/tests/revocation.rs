@@ -116,7 +116,19 @@ fn removed_node_is_cut_off_and_stops() {
     let w = nodes.iter().find(|n| n["name"] == "w1").unwrap();
     assert_eq!(w["raft"], "learner");
     let id = w["id"].as_u64().unwrap().to_string();
-    c.ok(&["nodes", "rm", &id]);
+    // By name (an unknown name is a clear error); by id works too.
+    let o = c.ctl(&["nodes", "rm", "nope"]);
+    assert!(
+        stderr(&o).contains("no node named \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.ctl(&["nodes", "rm", "w1"]);
+    assert!(
+        stderr(&o).contains(&format!("node/{id} removed")),
+        "{}",
+        stderr(&o)
+    );
     // The node learns it was revoked (or is cut off) and exits.
     let child = c.nodes[1].child.as_mut().unwrap();
     wait_for(Duration::from_secs(10), "removed node to exit", || {

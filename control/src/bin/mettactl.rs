@@ -226,8 +226,8 @@ enum NodesCmd {
     Ls,
     /// Remove a node: revoke its identity and drop it from the Raft group.
     Rm {
-        /// Node id.
-        id: u64,
+        /// Node name or id.
+        node: String,
     },
     /// Label a node (`zone=attic`) or remove a label (`zone-`); `run
     /// --label` places domains by them.
@@ -583,8 +583,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     }
                 }
-                Some(NodesCmd::Rm { id }) => {
-                    call(&c, ApiRequest::NodeRemove { id: *id }).await?;
+                Some(NodesCmd::Rm { node }) => {
+                    let id = match node.parse::<u64>() {
+                        Ok(id) => id,
+                        Err(_) => {
+                            let Reply::Nodes(ns) = call(&c, ApiRequest::Nodes).await? else {
+                                bail!("unexpected reply");
+                            };
+                            ns.iter()
+                                .find(|n| n.name == *node)
+                                .map(|n| n.id)
+                                .ok_or_else(|| {
+                                    anyhow!("no node named {node:?} (see `mettactl nodes`)")
+                                })?
+                        }
+                    };
+                    call(&c, ApiRequest::NodeRemove { id }).await?;
                     eprintln!("node/{id} removed and its identity revoked");
                 }
                 Some(NodesCmd::Label { node, labels }) => {
