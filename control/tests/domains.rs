@@ -140,6 +140,14 @@ fn images_are_verified_before_they_are_stored() {
     let o = push(&c, &key, &garbage, "garbage", &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not a domain module"), "{}", stderr(&o));
+    // A file that is not wasm at all: said in one line.
+    let text = dir.join("notes.wasm");
+    std::fs::write(&text, b"these are not the bytes you are looking for").unwrap();
+    let o = push(&c, &key, &text, "notes", &[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("not a wasm module"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
     let bogus = write_wat(
         dir,
         "bogus",

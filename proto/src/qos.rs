@@ -67,7 +67,8 @@ impl fmt::Display for ContractError {
             ContractError::Memory(m) => {
                 write!(
                     f,
-                    "memory {m} bytes must be more than zero and at most 4 GiB"
+                    "memory {} must be more than zero and at most 4 GiB",
+                    Bytes(*m)
                 )
             }
             ContractError::Syntax(s) => write!(f, "{s}"),
@@ -107,6 +108,33 @@ impl Contract {
 /// Formats nanoseconds as `10ms`, `1.5s`, `250us`.
 #[derive(Debug, Clone, Copy)]
 pub struct Ns(pub u64);
+
+/// Bytes written in the largest binary unit that keeps them whole, or to
+/// one decimal: `64MiB`, `1.5GiB`, `900GiB`, `1TiB`, `100B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        let n = self.0;
+        for (unit, size) in UNITS {
+            if n >= size {
+                return if n.is_multiple_of(size) {
+                    write!(f, "{}{unit}", n / size)
+                } else {
+                    write!(f, "{:.1}{unit}", n as f64 / size as f64)
+                };
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
 
 impl fmt::Display for Ns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -192,6 +220,20 @@ impl FromStr for Contract {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bytes_read_like_the_units_users_type() {
+        use alloc::string::ToString;
+        assert_eq!(Bytes(64 << 20).to_string(), "64MiB");
+        assert_eq!(Bytes(900 << 30).to_string(), "900GiB");
+        assert_eq!(Bytes(1 << 40).to_string(), "1TiB");
+        assert_eq!(Bytes(3 << 29).to_string(), "1.5GiB");
+        assert_eq!(Bytes(100).to_string(), "100B");
+        assert_eq!(
+            ContractError::Memory(900 << 30).to_string(),
+            "memory 900GiB must be more than zero and at most 4 GiB"
+        );
+    }
+
     use super::*;
 
     #[test]

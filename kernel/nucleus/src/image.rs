@@ -209,9 +209,21 @@ impl Image {
     pub fn load(wasm: &[u8]) -> Result<Image, LoadError> {
         // Validate only (eager validation, lazy translation): the runtime that
         // instantiates the image compiles it with its own engine.
+        if !wasm.starts_with(b"\0asm") {
+            return Err(LoadError::Malformed(
+                "not a wasm module (it does not start with \\0asm)".to_string(),
+            ));
+        }
         let engine = wasmi::Engine::new(&engine_config(wasmi::CompilationMode::LazyTranslation));
-        let module =
-            wasmi::Module::new(&engine, wasm).map_err(|e| LoadError::Malformed(e.to_string()))?;
+        // wasmi's messages may span lines: one line each.
+        let module = wasmi::Module::new(&engine, wasm).map_err(|e| {
+            LoadError::Malformed(
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        })?;
         for import in module.imports() {
             check_import(import.module(), import.name(), import.ty())?;
         }

@@ -153,7 +153,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "KiB" | "K" | "k" => 1 << 10,
         "MiB" | "M" => 1 << 20,
         "GiB" | "G" => 1 << 30,
-        _ => return Err(format!("bad size unit in {s:?}: use B, KiB, MiB or GiB")),
+        "TiB" | "T" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "bad size unit in {s:?}: use B, KiB, MiB, GiB or TiB"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
