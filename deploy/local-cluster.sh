@@ -79,6 +79,12 @@ native() {
   fi
   command -v qemu-system-x86_64 >/dev/null ||
     { echo "qemu-system-x86_64 not found (apt-get install qemu-system-x86)" >&2; exit 1; }
+  local pidfile="$STATE/$name.qemu.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "$name is already running (QEMU pid $(cat "$pidfile")): choose another name," >&2
+    echo "or stop it first: kill $(cat "$pidfile")" >&2
+    exit 1
+  fi
   (cd kernel/image && cargo build --release)
   local elf=kernel/image/target/x86_64-unknown-none/release/metta-kernel
   export METTA_CONFIG="$STATE/admin.conf"
