@@ -54,8 +54,9 @@ pub const MEMBER_FRAME_BUDGET: usize = 4 * metta_proto::MAX_FRAME_LEN;
 /// needs one, two while it reconnects).
 pub const MEMBER_TCP_PER_SUBJECT: usize = 8;
 /// QUIC connections one member identity may hold at once (a node keeps one
-/// to each peer; each `mettactl` run opens one).
-pub const MEMBER_QUIC_PER_SUBJECT: usize = 64;
+/// to each peer; each `mettactl` run opens one; `metta-bench` opens 64
+/// clients as the admin).
+pub const MEMBER_QUIC_PER_SUBJECT: usize = 256;
 /// Concurrent QUIC streams a member may open.
 pub const MEMBER_STREAMS: u32 = 256;
 /// A member's QUIC connection receive window.
@@ -312,6 +313,27 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         })
     }
 
+    /// Whether `key` may make an attempt at `now`, without spending one
+    /// (for limits that count only failures: [`take`](Self::take) after a
+    /// failure).
+    pub fn check(&mut self, key: &K, now: Instant) -> Result<(), Limited> {
+        let (burst, rate) = (self.burst, self.per_sec);
+        let Some((tokens, last, refused)) = self.map.get_mut(key) else {
+            return Ok(());
+        };
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            return Ok(());
+        }
+        let first = !*refused;
+        *refused = true;
+        Err(Limited {
+            retry_after: Duration::from_secs_f64(((1.0 - *tokens) / rate).min(3600.0)),
+            first,
+        })
+    }
+
     /// Forgets keys whose bucket is full again, or else the longest idle.
     fn forget_idle(&mut self, now: Instant) {
         let (burst, rate) = (self.burst, self.per_sec);
@@ -336,7 +358,8 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
 pub const JOIN_SOURCE_BURST: u32 = 20;
 /// The refill of [`JOIN_SOURCE_BURST`], attempts per second.
 pub const JOIN_SOURCE_PER_SEC: f64 = 2.0;
-/// Join attempts with one token id at once, then per second.
+/// Failed join attempts with one token id at once, then per second (a
+/// multi-use token's good joins do not count).
 pub const JOIN_TOKEN_BURST: u32 = 5;
 /// The refill of [`JOIN_TOKEN_BURST`], attempts per second.
 pub const JOIN_TOKEN_PER_SEC: f64 = 0.5;
@@ -351,7 +374,7 @@ pub const RENEW_PER_SEC: f64 = 0.1;
 pub struct Attempts {
     /// Join attempts per source address.
     pub join_source: Buckets<IpAddr>,
-    /// Join attempts per token id.
+    /// Failed join attempts per token id.
     pub join_token: Buckets<String>,
     /// Renewals per node.
     pub renew: Buckets<u64>,
@@ -530,6 +553,20 @@ mod tests {
         r.insert(8, 80);
         assert!(r.len() <= 3 && r.order.len() <= 3);
         assert_eq!(r.take_if(&8, |_| true), Some(80));
+    }
+
+    #[test]
+    fn a_failure_only_bucket_is_checked_without_spending() {
+        let t0 = Instant::now();
+        let mut b = Buckets::new(2, 1.0, 16);
+        for _ in 0..10 {
+            assert_eq!(b.check(&"tok", t0), Ok(()), "checks spend nothing");
+        }
+        b.take(&"tok", t0).unwrap();
+        b.take(&"tok", t0).unwrap();
+        let l = b.check(&"tok", t0).unwrap_err();
+        assert!(l.first && l.retry_after <= Duration::from_secs(1));
+        assert_eq!(b.check(&"tok", t0 + Duration::from_secs(1)), Ok(()));
     }
 
     #[test]

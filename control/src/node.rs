@@ -758,6 +758,10 @@ impl Node {
                     if matches!(e, ApiError::Token(_) | ApiError::InvalidArgument(_)) {
                         warn!(%source, token = %token_id, "join refused: {e}");
                     }
+                    if matches!(e, ApiError::Token(_)) {
+                        let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+                        let _ = a.join_token.take(&token_id, Instant::now());
+                    }
                 }
                 r
             }
@@ -901,10 +905,12 @@ impl Node {
     fn limit_join(&self, caller: &Caller, token_id: &str) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        // Every attempt counts against its source; only failures against
+        // the token (below), so a multi-use token admits machines at once.
         let limited = a
             .join_source
             .take(&caller.remote.ip(), now)
-            .and_then(|()| a.join_token.take(&token_id.to_string(), now));
+            .and_then(|()| a.join_token.check(&token_id.to_string(), now));
         limited.map_err(|l| {
             if l.first {
                 warn!(source = %caller.remote, token = %token_id, "join attempts rate-limited");

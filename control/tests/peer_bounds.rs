@@ -404,6 +404,21 @@ async fn anonymous_tcp_peers_are_bounded_and_a_native_node_still_connects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_attempts_are_rate_limited_per_token_and_source_and_logged() {
     let c = tokio::task::block_in_place(|| Cluster::init("1h"));
+    // A multi-use token admits its machines at once: good joins do not
+    // count against the token.
+    let many = JoinToken::from_str(&tokio::task::block_in_place(|| c.token("worker", 8))).unwrap();
+    let mut client = TcpClient::pinned(c.nodes[0].addr.clone(), many.pin).unwrap();
+    for i in 0..8 {
+        let r = client
+            .call_api(&join_request(
+                &many,
+                &format!("m{i}"),
+                &format!("{}:9", c.ip),
+            ))
+            .await;
+        assert!(matches!(r, Ok(Reply::Joined(_))), "join {i}: {r:?}");
+    }
+    drop(client);
     let text = tokio::task::block_in_place(|| c.token("worker", 1));
     let good = JoinToken::from_str(&text).unwrap();
     // The right id, a wrong secret.
