@@ -86,6 +86,21 @@ impl std::fmt::Display for Busy {
     }
 }
 
+/// What counts as one source: an IPv4 address, or an IPv6 /64 (one host
+/// is given a whole /64 and can pick any address in it).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+            }
+        },
+    }
+}
+
 /// Counts per source and in all, with caps.
 #[derive(Debug)]
 struct Counter {
@@ -108,6 +123,7 @@ impl Counter {
     /// Takes a place for `ip`: `Err(true)` if the source is full, `Err(false)`
     /// if everything is.
     fn take(&mut self, ip: IpAddr) -> Result<(), bool> {
+        let ip = source_of(ip);
         let n = self.per.get(&ip).copied().unwrap_or(0);
         if n >= self.per_cap {
             return Err(true);
@@ -121,6 +137,7 @@ impl Counter {
     }
 
     fn give(&mut self, ip: IpAddr) {
+        let ip = source_of(ip);
         if let Some(n) = self.per.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -478,6 +495,22 @@ mod tests {
         b.end_anonymous(ip(9)); // never admitted: nothing to give back
         assert_eq!(b.admit_anonymous(ip(3)), Ok(()));
         assert_eq!(b.load(), (3, 2));
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_64() {
+        let mut b = ConnBudget::new(2, 100, 2, 100);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(b.admit_anonymous(a), Ok(()));
+        assert_eq!(b.admit_anonymous(same64), Ok(()));
+        assert_eq!(b.admit_anonymous(same64), Err(Busy::SourceAnonymous));
+        assert_eq!(b.admit_anonymous(other64), Ok(()));
+        b.end_anonymous(a);
+        assert_eq!(b.admit_anonymous(same64), Ok(()));
+        let mapped: IpAddr = "::ffff:127.0.0.7".parse().unwrap();
+        assert_eq!(source_of(mapped), IpAddr::from([127, 0, 0, 7]));
     }
 
     #[test]

@@ -909,7 +909,7 @@ impl Node {
         // the token (below), so a multi-use token admits machines at once.
         let limited = a
             .join_source
-            .take(&caller.remote.ip(), now)
+            .take(&crate::limits::source_of(caller.remote.ip()), now)
             .and_then(|()| a.join_token.check(&token_id.to_string(), now));
         limited.map_err(|l| {
             if l.first {
