@@ -325,12 +325,19 @@ pub async fn main(args: FloodArgs) -> anyhow::Result<()> {
             counters.clone(),
         )));
     }
-    // Let the flood reach its steady state, then measure inside it.
-    tokio::time::sleep(Duration::from_secs(args.secs / 4)).await;
+    // Measure once the flood has filled what the node lets anonymous peers
+    // hold (every source at its per-source cap), or a quarter of the way in.
+    let full = u64::from(args.sources) * metta_control::limits::ANONYMOUS_PER_SOURCE as u64;
+    let steady = Instant::now() + Duration::from_secs(args.secs / 4);
+    while counters.quic.load(Ordering::Relaxed) < full && Instant::now() < steady {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     phases.push(phase("during the flood", &args, &c, pid).await?);
     for a in attackers {
         let _ = a.await;
     }
+    // A settling window (not a condition): what the node still holds 2 s
+    // after the flood is what "after" reports.
     tokio::time::sleep(Duration::from_secs(2)).await;
     eprintln!("after: measuring");
     phases.push(phase("after the flood", &args, &c, pid).await?);

@@ -148,6 +148,15 @@ impl Counter {
     }
 }
 
+/// The refusal of a [`Counter`]: `source` full, or all of it.
+fn busy(source_full: bool, source: Busy, all: Busy) -> Busy {
+    if source_full {
+        source
+    } else {
+        all
+    }
+}
+
 /// What one listener's unauthenticated peers hold: handshakes in progress
 /// and anonymous connections, per source and in all.
 #[derive(Debug)]
@@ -183,13 +192,9 @@ impl ConnBudget {
 
     /// A handshake from `ip` begins.
     pub fn begin_handshake(&mut self, ip: IpAddr) -> Result<(), Busy> {
-        self.pending.take(ip).map_err(|source| {
-            if source {
-                Busy::SourceHandshakes
-            } else {
-                Busy::Handshakes
-            }
-        })
+        self.pending
+            .take(ip)
+            .map_err(|source| busy(source, Busy::SourceHandshakes, Busy::Handshakes))
     }
 
     /// A handshake from `ip` ended (either way).
@@ -199,13 +204,9 @@ impl ConnBudget {
 
     /// An anonymous connection from `ip` is established.
     pub fn admit_anonymous(&mut self, ip: IpAddr) -> Result<(), Busy> {
-        self.anonymous.take(ip).map_err(|source| {
-            if source {
-                Busy::SourceAnonymous
-            } else {
-                Busy::Anonymous
-            }
-        })
+        self.anonymous
+            .take(ip)
+            .map_err(|source| busy(source, Busy::SourceAnonymous, Busy::Anonymous))
     }
 
     /// An anonymous connection from `ip` ended.
@@ -287,6 +288,33 @@ pub struct Buckets<K> {
     max_keys: usize,
 }
 
+/// One attempt on a bucket `(tokens, counted at, refused since the last
+/// success)`: refill it up to `burst` at `rate` since it was counted, then
+/// allow (spending a token if `spend`) or refuse, saying when to retry.
+fn attempt(
+    (tokens, last, refused): &mut (f64, Instant, bool),
+    burst: f64,
+    rate: f64,
+    now: Instant,
+    spend: bool,
+) -> Result<(), Limited> {
+    *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+    *last = now;
+    if *tokens >= 1.0 {
+        if spend {
+            *tokens -= 1.0;
+            *refused = false;
+        }
+        return Ok(());
+    }
+    let first = !*refused;
+    *refused = true;
+    Err(Limited {
+        retry_after: Duration::from_secs_f64(((1.0 - *tokens) / rate).min(3600.0)),
+        first,
+    })
+}
+
 /// An attempt refused by a [`Buckets`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limited {
@@ -313,42 +341,21 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         if !self.map.contains_key(key) && self.map.len() >= self.max_keys {
             self.forget_idle(now);
         }
-        let (burst, rate) = (self.burst, self.per_sec);
-        let (tokens, last, refused) = self.map.entry(key.clone()).or_insert((burst, now, false));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            *refused = false;
-            return Ok(());
-        }
-        let first = !*refused;
-        *refused = true;
-        Err(Limited {
-            retry_after: Duration::from_secs_f64(((1.0 - *tokens) / rate).min(3600.0)),
-            first,
-        })
+        let bucket = self
+            .map
+            .entry(key.clone())
+            .or_insert((self.burst, now, false));
+        attempt(bucket, self.burst, self.per_sec, now, true)
     }
 
     /// Whether `key` may make an attempt at `now`, without spending one
     /// (for limits that count only failures: [`take`](Self::take) after a
     /// failure).
     pub fn check(&mut self, key: &K, now: Instant) -> Result<(), Limited> {
-        let (burst, rate) = (self.burst, self.per_sec);
-        let Some((tokens, last, refused)) = self.map.get_mut(key) else {
-            return Ok(());
-        };
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            return Ok(());
+        match self.map.get_mut(key) {
+            Some(bucket) => attempt(bucket, self.burst, self.per_sec, now, false),
+            None => Ok(()),
         }
-        let first = !*refused;
-        *refused = true;
-        Err(Limited {
-            retry_after: Duration::from_secs_f64(((1.0 - *tokens) / rate).min(3600.0)),
-            first,
-        })
     }
 
     /// Forgets keys whose bucket is full again, or else the longest idle.

@@ -69,6 +69,18 @@ fn admin_nodes_ok(c: &Cluster) {
     );
 }
 
+/// A QUIC connection from `ep` to `server`, handshake done.
+async fn dial(
+    ep: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    server: SocketAddr,
+) -> quinn::Connection {
+    ep.connect_with(cfg.clone(), server, transport::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 /// Whether the server closed `conn` as over budget.
 async fn closed_busy(conn: &quinn::Connection, within: Duration) -> bool {
     match tokio::time::timeout(within, conn.closed()).await {
@@ -88,11 +100,7 @@ async fn anonymous_quic_peers_are_bounded_and_members_are_served() {
     // A frame larger than an anonymous peer may send is refused at its
     // header, before anything is buffered.
     let ep = quinn::Endpoint::client(SocketAddr::new(source(&c, 0), 0)).unwrap();
-    let conn = ep
-        .connect_with(cfg.clone(), server, transport::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = dial(&ep, &cfg, server).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
     send.write_all(&[0; 1000]).await.unwrap();
@@ -107,11 +115,7 @@ async fn anonymous_quic_peers_are_bounded_and_members_are_served() {
     conn.close(0u32.into(), b"done");
     // Streams: ANONYMOUS_STREAMS at once, each holding a partial frame;
     // the next cannot be opened.
-    let conn = ep
-        .connect_with(cfg.clone(), server, transport::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = dial(&ep, &cfg, server).await;
     let mut open = Vec::new();
     for _ in 0..ANONYMOUS_STREAMS {
         let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -139,11 +143,7 @@ async fn anonymous_quic_peers_are_bounded_and_members_are_served() {
     for s in 1..=sources {
         let ep = quinn::Endpoint::client(SocketAddr::new(source(&c, s), 0)).unwrap();
         for _ in 0..ANONYMOUS_PER_SOURCE {
-            let conn = ep
-                .connect_with(cfg.clone(), server, transport::SERVER_NAME)
-                .unwrap()
-                .await
-                .unwrap();
+            let conn = dial(&ep, &cfg, server).await;
             // One whole exchange on its first stream, so the server has
             // taken the connection's place before the next one arrives;
             // the other streams hold partial frames.
@@ -164,11 +164,7 @@ async fn anonymous_quic_peers_are_bounded_and_members_are_served() {
             held.push((conn, streams));
         }
         // The source's next connection is closed at once.
-        let extra = ep
-            .connect_with(cfg.clone(), server, transport::SERVER_NAME)
-            .unwrap()
-            .await
-            .unwrap();
+        let extra = dial(&ep, &cfg, server).await;
         assert!(
             closed_busy(&extra, Duration::from_secs(5)).await,
             "source {s}: connection {} was not refused",
@@ -178,11 +174,7 @@ async fn anonymous_quic_peers_are_bounded_and_members_are_served() {
     }
     // Every anonymous place is taken: a fresh source is refused too.
     let ep = quinn::Endpoint::client(SocketAddr::new(source(&c, sources + 1), 0)).unwrap();
-    let extra = ep
-        .connect_with(cfg.clone(), server, transport::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
+    let extra = dial(&ep, &cfg, server).await;
     assert!(
         closed_busy(&extra, Duration::from_secs(5)).await,
         "anonymous connection {} was not refused",
@@ -538,11 +530,7 @@ async fn a_members_frames_in_progress_are_bounded() {
     let mut writers = Vec::new();
     let mut conns = Vec::new();
     for _ in 0..4 {
-        let conn = ep
-            .connect_with(client.clone(), server, transport::SERVER_NAME)
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = dial(&ep, &client, server).await;
         for _ in 0..100 {
             let (conn, chunk) = (conn.clone(), chunk.clone());
             writers.push(tokio::spawn(async move {
